@@ -1,0 +1,48 @@
+"""LLaMA sizes x hardware.
+
+  jaxtrain train --config=configs/llama.py:35m,cpu --workdir=runs/35m
+  jaxtrain train --config=configs/llama.py:125m,h100 --config.optimizer.name=muon --workdir=runs/x
+  jaxtrain info --config=configs/llama.py:1.4b
+
+The argument is `SIZE[,HARDWARE]`. SIZE: toy, 35m, 125m, 350m, 760m, 1.4b. HARDWARE: cpu (fp32,
+the default), a40, a100, h100, h200 (bf16 compute, fp32 master weights, cuDNN attention).
+"""
+
+from jaxtrain.config import base_config
+
+# d_model, n_layers, n_heads, n_kv_heads, d_ff, vocab_size. Untied embeddings throughout.
+SIZES = {
+    "toy": (320, 6, 5, 5, 864, 4096),  # ~10M
+    "35m": (512, 8, 8, 8, 1408, 8192),
+    "125m": (768, 12, 12, 12, 2048, 32000),
+    "350m": (1024, 24, 16, 16, 2816, 32000),
+    "760m": (1536, 24, 16, 16, 4096, 32000),
+    "1.4b": (2048, 24, 16, 16, 5888, 32000),  # 1.402B parameters
+}
+
+# Per-device batch (sequences of 2048 tokens on GPUs) that fits each size comfortably.
+GPU_BATCH = {"toy": 64, "35m": 64, "125m": 32, "350m": 16, "760m": 8, "1.4b": 8}
+
+
+def get_config(arg="toy"):
+  size, _, hardware = arg.partition(",")
+  hardware = hardware or "cpu"
+  if size not in SIZES:
+    raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+  if hardware not in ("cpu", "a40", "a100", "h100", "h200"):
+    raise ValueError(f"unknown hardware {hardware!r}; choose cpu, a40, a100, h100 or h200")
+  cfg = base_config()
+  d, layers, heads, kv_heads, ff, vocab = SIZES[size]
+  cfg.model.update(d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads, d_ff=ff,
+                   vocab_size=vocab)
+  if hardware == "cpu":
+    cfg.model.update(dtype="float32", attention="xla")
+    cfg.data.seq_len = 512
+    cfg.train.batch_size = 8
+  else:
+    cfg.model.update(dtype="bfloat16", attention="cudnn", remat="dots" if d >= 1536 else "none")
+    cfg.model.max_seq_len = 2048
+    cfg.data.seq_len = 2048
+    cfg.train.batch_size = GPU_BATCH[size]
+  cfg.train.steps = 10000
+  return cfg
