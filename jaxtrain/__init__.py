@@ -13,8 +13,8 @@ from jaxtrain.errors import UserError
 
 
 def train(config, workdir, **kwargs):
-  """Train (or resume) the run in `workdir`; see `jaxtrain.train.train`."""
-  from jaxtrain import train as train_lib  # pylint: disable=import-outside-toplevel
+  """Train (or resume) the run in `workdir`; see `jaxtrain.trainer.train`."""
+  from jaxtrain import trainer as train_lib  # pylint: disable=import-outside-toplevel
   return train_lib.train(config, workdir, **kwargs)
 
 

@@ -114,7 +114,8 @@ def cmd_convert(argv):
     raise UserError("usage: jaxtrain convert SRC DST (an HF LLaMA directory and a workdir, "
                     "either way round)")
   src, dst = args.positional
-  print(convert.convert_command(src, dst))
+  step = int(args.flags["step"]) if "step" in args.flags else None
+  print(convert.convert_command(src, dst, step=step))
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "data": cmd_data,
@@ -135,7 +136,7 @@ def main(argv=None):
   if verb not in COMMANDS:
     print(f"error: unknown command {verb!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
-  from jaxtrain.train import Preempted  # pylint: disable=import-outside-toplevel
+  from jaxtrain.trainer import Preempted  # pylint: disable=import-outside-toplevel
   try:
     COMMANDS[verb](rest)
   except UserError as e:

@@ -544,7 +544,6 @@ def hf_to_workdir(hf_dir, workdir):
   Params are fp32 (training keeps fp32 master weights). Returns a summary dict. Refuses a
   workdir that already holds checkpoints, so a run is never overwritten.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise UserError(f"{ckpt_dir} already holds checkpoints; convert into a new workdir")

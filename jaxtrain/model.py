@@ -378,7 +378,7 @@ def logical_axes(model: Llama) -> dict[str, Any]:
   """Nested dict (same structure as the params) of each parameter's logical axis names."""
   _, state = nnx.split(model, nnx.Param)
   axes = {}
-  for path, variable in state.flat_state():
+  for path, variable in nnx.to_flat_state(state):
     node = axes
     for key in path[:-1]:
       node = node.setdefault(key, {})

@@ -50,8 +50,8 @@ def mesh_shape(mesh_cfg, num_devices):
                       f"{fixed}")
     sizes[rest[0]] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
-    shape = " x ".join(f"{n}={v}" for n, v in sizes.items())
-    raise UserError(f"mesh {shape} needs {math.prod(sizes.values())} devices, "
+    shape = " x ".join(f"mesh.{n}={v}" for n, v in sizes.items())
+    raise UserError(f"{shape} needs {math.prod(sizes.values())} devices, "
                     f"but {num_devices} are available")
   return tuple(sizes[n] for n in MESH_AXES)
 
