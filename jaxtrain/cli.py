@@ -5,6 +5,7 @@
   jaxtrain info --config=configs/llama.py:1.4b [--routing]
   jaxtrain data prepare [--config=...]
   jaxtrain convert SRC DST            # HF directory <-> jaxtrain workdir, direction detected
+  jaxtrain compare RUN_DIR... [--out=compare.png]   # runs on different hardware, normalised
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the culprit), 1 other failure.
 """
@@ -118,7 +119,15 @@ def cmd_convert(argv):
   print(convert.convert_command(src, dst, step=step))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "data": cmd_data,
+def cmd_compare(argv):
+  from jaxtrain import compare  # pylint: disable=import-outside-toplevel
+  args = Args(argv, flags=("out",))
+  text, png = compare.compare(args.positional, args.flags.get("out", "compare.png"))
+  print(text)
+  print(f"plot: {png}")
+
+
+COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "info": cmd_info, "data": cmd_data,
             "convert": cmd_convert}
 
 

@@ -109,11 +109,15 @@ def evaluate_workdir(workdir, split="validation", max_batches=None, step=None, o
   other data, with `--config.data.source=...` overrides)."""
   from jaxtrain import data, trainer as train_lib  # pylint: disable=import-outside-toplevel
   cfg = _workdir_config(workdir, overrides)
+  # Evaluation runs data-parallel over this machine's devices, whatever mesh trained the model:
+  # the eval batch is the training microbatch rounded up to a multiple of the device count.
+  n = jax.device_count()
+  batch = -(-(cfg.train.batch_size // cfg.train.microbatches) // n) * n
   with cfg.unlocked():
     cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+    cfg.train.update(batch_size=batch, microbatches=1)
   s = train_lib.make_setup(cfg)
   step, params = load_params(workdir, s.abstract_state.params, step)
-  batch = cfg.train.batch_size // cfg.train.microbatches
   batches = data.eval_iterator(cfg.data, s.model_config.vocab_size, batch // jax.process_count(),
                                split=split, max_batches=max_batches or cfg.train.eval_batches)
   with jax.set_mesh(s.mesh):

@@ -68,6 +68,20 @@ class MetricsWriter:
       self._tb.close()
 
 
+def write_run_info(workdir, info):
+  """`WORKDIR/run.json`: the hardware and the numbers MFU was computed from, for `compare`."""
+  with open(os.path.join(workdir, "run.json"), "w") as f:
+    json.dump({k: _clean(v) for k, v in info.items()}, f, indent=2)
+
+
+def read_run_info(workdir):
+  path = os.path.join(workdir, "run.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def read_metrics(workdir_or_file):
   path = workdir_or_file
   if os.path.isdir(path):

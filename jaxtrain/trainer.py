@@ -324,6 +324,14 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
   peak, peak_source = hardware.device_peak_tflops(cfg.model.dtype)
   throughput = metrics_lib.Throughput(s.flops_per_token, jax.device_count(), peak)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  if is_main:
+    metrics_lib.write_run_info(workdir, {
+        "device_kind": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
+        "num_devices": jax.device_count(), "num_processes": jax.process_count(),
+        "peak_tflops_per_device": peak, "peak_source": peak_source,
+        "flops_per_token": s.flops_per_token, "tokens_per_step": cfg.train.batch_size *
+        cfg.data.seq_len, "params": model_lib.param_counts(s.model_config)["total"],
+        "jax_version": jax.__version__})
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   steps = cfg.train.steps
   last_step = steps if stop_after is None else min(steps, start + stop_after)

@@ -1,0 +1,108 @@
+"""The `jaxtrain` command as a user runs it: the quickstart path, exit codes, info, eval,
+compare, convert."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxtrain import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(args, env_extra=None, timeout=600):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, "-m", "jaxtrain.cli", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  """`jaxtrain train` on the default config, shortened: the README's first command's path."""
+  root = tmp_path_factory.mktemp("cli")
+  workdir = str(root / "run")
+  args = ["train", "--config=configs/default.py", f"--workdir={workdir}",
+          "--config.train.steps=4", "--config.train.log_every=2", "--config.train.eval_every=2",
+          "--config.train.eval_batches=1", "--config.train.batch_size=4",
+          "--config.data.max_docs=60", f"--config.data.data_dir={root / 'data'}",
+          "--config.model.vocab_size=512", "--config.model.n_layers=2",
+          "--config.model.d_model=64", "--config.model.d_ff=128",
+          "--config.checkpoint.every=2", "--config.train.progress_bar=false",
+          "--config.optimizer.warmup_steps=1"]
+  result = run_cli(args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, args, result
+
+
+def test_train_command_writes_the_documented_workdir(quick_run):
+  workdir, _, result = quick_run
+  assert "done:" in result.stdout
+  names = set(os.listdir(workdir))
+  assert {"config.json", "metrics.jsonl", "run.json", "loss.png", "checkpoints",
+          "tokenizer"} <= names
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in records if "split" not in r] == [2, 4]
+  assert [r["step"] for r in records if r.get("split") == "validation"] == [2, 4]
+
+
+def test_rerunning_the_same_command_resumes_and_does_not_retrain(quick_run):
+  workdir, args, _ = quick_run
+  before = open(os.path.join(workdir, "metrics.jsonl")).read()
+  result = run_cli(args)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "resumed from" in result.stdout
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+
+
+def test_eval_and_load_model_read_the_run(quick_run, capsys):
+  workdir, _, _ = quick_run
+  assert cli.main(["eval", f"--workdir={workdir}", "--batches=1"]) == 0
+  out = capsys.readouterr().out
+  assert "bits_per_byte=" in out and "perplexity=" in out
+  import jax.numpy as jnp
+  import jaxtrain
+  model, tokenizer = jaxtrain.load_model(workdir)
+  ids = tokenizer.encode("def f(x):\n    return x\n")
+  logits = model(jnp.asarray([ids]))
+  assert logits.shape == (1, len(ids), 512) and logits.dtype == jnp.float32
+
+
+def test_compare_prints_a_table_and_a_plot(quick_run, tmp_path, capsys):
+  workdir, _, _ = quick_run
+  out_png = str(tmp_path / "cmp.png")
+  assert cli.main(["compare", workdir, workdir, f"--out={out_png}"]) == 0
+  text = capsys.readouterr().out
+  assert "MFU / first" in text and "| 1.00 |" in text
+  assert os.path.getsize(out_png) > 1000
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["train", "--config.model.n_heads=3"], "model.n_heads"),
+    (["train", "--config.train.stepz=3"], "train.stepz"),
+    (["train", "--config.optimizer.lr=-1"], "optimizer.lr"),
+    (["train", "--config=configs/nope.py"], "configs/nope.py"),
+    (["train", "--config.data.source=/no/such/dir/*.txt", "--config.train.steps=1"], "/no/such"),
+    (["info", "--config=configs/llama.py:2b"], "2b"),
+    (["eval", "--workdir=/no/such/run"], "/no/such/run"),
+    (["frobnicate"], "frobnicate"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(args, culprit, capsys, tmp_path):
+  code = cli.main(args + ([f"--workdir={tmp_path}/w"] if args[0] == "train" else []))
+  err = capsys.readouterr().err.strip()
+  assert code == 2
+  assert culprit in err and len(err.splitlines()) == 1, err
+
+
+def test_info_for_1_4b_is_instant_and_counts_1_4b_parameters():
+  start = time.time()
+  result = run_cli(["info", "--config=configs/llama.py:1.4b", "--routing"])
+  elapsed = time.time() - start
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "1,402,046,464" in result.stdout
+  assert "blocks/attn/wq" in result.stdout
+  print(f"jaxtrain info 1.4b: {elapsed:.1f}s")
