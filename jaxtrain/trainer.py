@@ -410,6 +410,8 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
   finally:
     if bar is not None:
       bar.close()
+    if hasattr(train_iter, "close"):  # Grain worker processes, when data.worker_count > 0.
+      train_iter.close()
     ckpt.close()
     writer.close()
   if is_main and step == steps:
