@@ -400,6 +400,9 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
         if step % cfg.checkpoint.every == 0 or step == last_step:
           save(step)
         if sigterm.raised:
+          if pending is not None:
+            last_record = flush(pending)
+            pending = None
           if step % cfg.checkpoint.every and step != last_step:
             save(step)
           ckpt.wait()

@@ -106,3 +106,29 @@ def test_info_for_1_4b_is_instant_and_counts_1_4b_parameters():
   assert "1,402,046,464" in result.stdout
   assert "blocks/attn/wq" in result.stdout
   print(f"jaxtrain info 1.4b: {elapsed:.1f}s")
+
+
+def test_sigterm_saves_a_checkpoint_and_logs_the_last_step_before_exiting(quick_run, tmp_path):
+  _, args, _ = quick_run
+  workdir = str(tmp_path / "preempted")
+  args = [a for a in args if not a.startswith(("--workdir", "--config.train.steps",
+                                               "--config.train.log_every"))]
+  args += [f"--workdir={workdir}", "--config.train.steps=100000", "--config.train.log_every=1",
+           "--config.checkpoint.every=100000"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.Popen([sys.executable, "-m", "jaxtrain.cli", *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2:
+      break
+    time.sleep(0.5)
+  proc.send_signal(15)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 1, err[-2000:]
+  assert "preempted (SIGTERM) at step" in err and "re-run the same command" in err
+  steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+  assert len(steps) == 1 and steps[0] >= 2
+  logged = [json.loads(line)["step"] for line in open(metrics) if "split" not in line]
+  assert max(logged) == steps[0]
