@@ -45,42 +45,46 @@ def _losses(workdir):
     return [r["loss"] for r in map(json.loads, f) if "loss" in r and "split" not in r]
 
 
-def test_sharded_meshes_give_the_same_losses_as_one_device(corpus, tmp_path):
-  cfg = tiny_config(*corpus)
-  results = {}
-  for name, shape, n in [("one", (1, 1, 1), 1), ("dp8", (8, 1, 1), 8), ("mixed", (2, 2, 2), 8)]:
-    train_lib.train(cfg, str(tmp_path / name), mesh=_mesh(shape, n), log=lambda *_: None)
-    results[name] = _losses(str(tmp_path / name))
-  assert len(results["one"]) == 5
-  np.testing.assert_allclose(results["dp8"], results["one"], rtol=1e-4)
-  np.testing.assert_allclose(results["mixed"], results["one"], rtol=1e-4)
+STEPS = 6
 
 
-def test_resume_reproduces_the_uninterrupted_run_bitwise(corpus, tmp_path):
-  cfg = tiny_config(*corpus, steps=8)
+@pytest.fixture(scope="module")
+def straight_run(corpus, tmp_path_factory):
+  """One uninterrupted single-device run: the reference for sharding, resume and accumulation."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  train_lib.train(tiny_config(*corpus, steps=STEPS), workdir, mesh=_mesh((1, 1, 1), 1),
+                  log=lambda *_: None)
+  return workdir
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)], ids=["data8", "data2_fsdp2_tensor2"])
+def test_sharded_meshes_give_the_same_losses_as_one_device(corpus, straight_run, tmp_path, shape):
+  train_lib.train(tiny_config(*corpus, steps=STEPS), str(tmp_path), mesh=_mesh(shape, 8),
+                  log=lambda *_: None)
+  assert len(_losses(straight_run)) == STEPS
+  np.testing.assert_allclose(_losses(str(tmp_path)), _losses(straight_run), rtol=1e-4)
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(corpus, straight_run, tmp_path):
+  cfg = tiny_config(*corpus, steps=STEPS)
   mesh = _mesh((1, 1, 1), 1)
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train_lib.train(cfg, straight, mesh=mesh, log=lambda *_: None)
-  train_lib.train(cfg, resumed, mesh=mesh, stop_after=4, log=lambda *_: None)
-  assert len(_losses(resumed)) == 4
+  resumed = str(tmp_path)
+  train_lib.train(cfg, resumed, mesh=mesh, stop_after=STEPS // 2, log=lambda *_: None)
+  assert len(_losses(resumed)) == STEPS // 2
   train_lib.train(cfg, resumed, mesh=mesh, log=lambda *_: None)
-  assert _losses(resumed) == _losses(straight)
+  assert _losses(resumed) == _losses(straight_run)
   s = train_lib.make_setup(cfg, mesh)
   from jaxtrain import evaluate
-  _, a = evaluate.load_params(straight, s.abstract_state.params)
+  _, a = evaluate.load_params(straight_run, s.abstract_state.params)
   _, b = evaluate.load_params(resumed, s.abstract_state.params)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_four_microbatches_of_two_equal_one_batch_of_eight(corpus, tmp_path):
-  mesh = _mesh((1, 1, 1), 1)
-  one = tiny_config(*corpus, steps=3)
-  four = tiny_config(*corpus, steps=3, microbatches=4)
-  train_lib.train(one, str(tmp_path / "one"), mesh=mesh, log=lambda *_: None)
-  train_lib.train(four, str(tmp_path / "four"), mesh=mesh, log=lambda *_: None)
-  np.testing.assert_allclose(_losses(str(tmp_path / "four")), _losses(str(tmp_path / "one")),
-                             rtol=1e-5)
+def test_four_microbatches_of_two_equal_one_batch_of_eight(corpus, straight_run, tmp_path):
+  four = tiny_config(*corpus, steps=STEPS, microbatches=4)
+  train_lib.train(four, str(tmp_path), mesh=_mesh((1, 1, 1), 1), log=lambda *_: None)
+  np.testing.assert_allclose(_losses(str(tmp_path)), _losses(straight_run), rtol=1e-5)
 
 
 def test_metrics_file_checkpoints_and_plot_are_written(corpus, tmp_path):
@@ -155,3 +159,23 @@ def test_override_of_an_unknown_key_names_it():
   config_lib.apply_override(cfg, "train.steps", "7")
   config_lib.apply_override(cfg, "model.tie_embeddings", "true")
   assert cfg.train.steps == 7 and cfg.model.tie_embeddings is True
+
+
+def test_state_is_created_and_restored_with_the_target_shardings(corpus, straight_run):
+  """Orbax must restore onto the mesh asked for, not the one that wrote the checkpoint."""
+  from jax.sharding import PartitionSpec as P
+  from jaxtrain import checkpoint as checkpoint_lib
+  cfg = tiny_config(*corpus, steps=STEPS)
+  s = train_lib.make_setup(cfg, _mesh((2, 2, 2), 8))
+  wq = s.state_shardings.params["blocks"]["attn"]["wq"]
+  assert wq.spec == P(None, "fsdp", "tensor", None)
+  assert s.state_shardings.params["embed"]["embedding"].spec == P("tensor", "fsdp")
+  fresh = s.init(0)
+  assert fresh.params["blocks"]["attn"]["wq"].sharding == wq
+  mu = [x for x in jax.tree.leaves(fresh.opt_state) if x.shape == (2, 32, 4, 8)]
+  assert mu and all(x.sharding.spec == wq.spec for x in mu)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(straight_run, "checkpoints"), read_only=True)
+  restored = ckpt.restore(STEPS, s.abstract_state.params, s.abstract_state.opt_state)
+  ckpt.close()
+  got = restored["params"]["blocks"]["attn"]["wq"]
+  assert got.sharding == wq and len(got.sharding.device_set) == 8
