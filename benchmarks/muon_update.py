@@ -8,17 +8,17 @@ routing (hidden matrices to Muon, given to optax as MuonDimensionNumbers so it t
 axis and wq/wo as (D, N*H)/(N*H, D) matrices), Keller Jordan's coefficients, 5 NS steps in fp32,
 beta 0.95 Nesterov, RMS-matched shape scaling (0.2), and AdamW (0.9, 0.95) on the rest; ours runs
 with its defaults (on CPU one NS loop per leaf, like optax's per-leaf vmap). Remaining
-differences, none of which change the cost by more than a few elementwise passes: optax bias-corrects
-the momentum (ours does not: NS divides by the norm anyway), and optax's AdamW group decays norm
-scales (ours masks them).
+differences, none of which change the cost by more than a few elementwise passes: optax
+bias-corrects the momentum (ours does not: NS divides by the norm anyway), and optax's AdamW group
+decays norm scales (ours masks them).
 
 Each update is jitted and compiled ahead of time; then ours and optax's run alternately `repeats`
 times in this one process and the table shows medians, so drift in the machine's speed hits both.
 Next to wall-clock seconds it shows the CPU seconds the process burnt: on a shared machine other
 processes stretch wall time far more than CPU time. NS FLOPs count the three matmuls of each step
-(X X^T, A A, B X) of every hidden matrix; achieved FLOP/s = NS FLOPs / our whole update time (so it
-understates the NS loop alone), compared with the best of large jitted fp32 matmuls timed in the same
-process before and after each size (the "measured peak", also per CPU-second).
+(X X^T, A A, B X) of every hidden matrix; achieved FLOP/s = NS FLOPs / our whole update time (so
+it understates the NS loop alone), compared with the best of large jitted fp32 matmuls timed in the
+same process before and after each size (the "measured peak", also per CPU-second).
 """
 
 import argparse

@@ -1,5 +1,5 @@
-"""Muon: Newton-Schulz numerics, equivalence with a plain reference, stacked/4-D layouts, routing of
-real model sizes, NorMuon, and the FSDP split of the orthogonalisation (8 CPU devices, subprocess)."""
+"""Muon: Newton-Schulz numerics, equivalence with a plain reference, stacked/4-D layouts, routing
+of real model sizes, NorMuon, and the FSDP split of the orthogonalisation (8 CPU devices)."""
 
 import os
 import pathlib
@@ -285,8 +285,10 @@ def test_routing_sends_biases_to_adamw_without_decay():
   cfg.weight_decay, cfg.clip_norm, cfg.warmup_steps = 0.5, 0.0, 0
   opt = optim.build_optimizer(cfg, total_steps=10)
   zeros = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = jax.jit(opt.update)(zeros, opt.init(params), params)  # zero grads: only decay moves params
-  assert np.all(updates['blocks']['attn']['bias'] == 0) and np.all(updates['final_norm']['scale'] == 0)
+  # Zero gradients: only weight decay moves parameters.
+  updates, _ = jax.jit(opt.update)(zeros, opt.init(params), params)
+  assert np.all(updates['blocks']['attn']['bias'] == 0)
+  assert np.all(updates['final_norm']['scale'] == 0)
   assert np.all(updates['embed']['embedding'] < 0) and np.all(updates['blocks']['attn']['wq'] < 0)
 
 
@@ -298,7 +300,8 @@ def test_routing_rejects_a_layout_that_does_not_fit():
 
 def test_group_update_rms():
   updates = {'blocks': {'mlp': {'w_up': jnp.full((2, 4, 6), 3.0)}},
-             'final_norm': {'scale': jnp.full((4,), 2.0)}, 'embed': {'embedding': jnp.zeros((4, 4))}}
+             'final_norm': {'scale': jnp.full((4,), 2.0)},
+             'embed': {'embedding': jnp.zeros((4, 4))}}
   rms = jax.jit(lambda u: optim.group_update_rms(u, muon_cfg()))(updates)
   assert float(rms['update_rms_muon']) == pytest.approx(3.0)
   assert float(rms['update_rms_adamw']) == pytest.approx(np.sqrt(4 * 4.0 / 20))
@@ -314,7 +317,8 @@ SHARDED_SCRIPT = textwrap.dedent('''
     from tests.test_muon import materialise, muon_cfg, param_shapes
     assert jax.device_count() == 8
     def dot_shapes(hlo):
-      return [tuple(map(int, d.split(','))) for d in re.findall(r'f32\\[([\\d,]+)\\]\\S* dot\\(', hlo)]
+      shapes = re.findall(r'f32\\[([\\d,]+)\\]\\S* dot\\(', hlo)
+      return [tuple(map(int, d.split(','))) for d in shapes]
     L = 8
     shapes = param_shapes(D=16, L=L, N=2, K=1, H=8, F=24, V=32)
     host_params, host_grads = materialise(shapes), materialise(shapes, seed=1)
@@ -367,9 +371,10 @@ SHARDED_SCRIPT = textwrap.dedent('''
 
 def test_sharded_newton_schulz_equals_unsharded_on_8_devices():
   # LLVM optimisation off: compiles ~3x faster and both sides of the comparison share it.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8 '
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=8 '
              '--xla_backend_optimization_level=0',
-             JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}{os.pathsep}{os.environ.get("PYTHONPATH", "")}')
+             PYTHONPATH=f'{REPO}{os.pathsep}{os.environ.get("PYTHONPATH", "")}')
   proc = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -123,7 +123,8 @@ def test_schedule_scales_both_muon_and_adamw_groups():
   cfg = cfg_with(name='muon', lr=1e-2, warmup_steps=0, schedule='wsd', decay_fraction=0.5,
                  min_lr_ratio=0.0, clip_norm=0.0, weight_decay=0.0)
   cfg.muon.adam_lr = 1e-3
-  params = {'blocks': {'mlp': {'w_up': jnp.ones((1, 8, 16))}}, 'embed': {'embedding': jnp.ones((4, 8))}}
+  params = {'blocks': {'mlp': {'w_up': jnp.ones((1, 8, 16))}},
+            'embed': {'embedding': jnp.ones((4, 8))}}
   grads = jax.tree.map(lambda p: jnp.asarray(np.random.default_rng(0).standard_normal(p.shape),
                                              jnp.float32), params)
   opt = optim.build_optimizer(cfg, total_steps=10)

@@ -1,7 +1,7 @@
 """The optimizer from config: AdamW baseline or Muon (hidden matrices) + AdamW (everything else).
 
-`default_config()` is the `optimizer` section of a jaxtrain config; `validate_config` checks it before
-anything compiles; `build_optimizer` turns it into one optax GradientTransformation:
+`default_config()` is the `optimizer` section of a jaxtrain config; `validate_config` checks it
+before anything compiles; `build_optimizer` turns it into one optax GradientTransformation:
 
   clip_by_global_norm(clip_norm)  ->  adamw                                  (name='adamw')
   clip_by_global_norm(clip_norm)  ->  partition(muon: scale_by_muon -> decay -> lr,

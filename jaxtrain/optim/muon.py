@@ -7,8 +7,8 @@ jaxtrain parameter tree, where every hidden matrix is stacked over layers and at
 4-D, and it differs from `optax.contrib.muon` where that matters here:
 
 - Matrix layouts come from the parameter path (`routing.DEFAULT_HIDDEN`), never from ndim.
-- Matrices of equal (wide) shape are orthogonalised together as one batched loop: few, large ops are
-  what XLA on CPU and GPU run fast (jax#26145), and the loop is compiled once per shape, not per leaf.
+- On accelerators, matrices of equal (wide) shape are orthogonalised as one batched loop: fewer,
+  larger kernels. On CPU one loop per leaf measured faster (cache), so it is the CPU default.
 - The NS loop is a `lax.scan` over coefficient rows, not unrolled, so compile time does not grow
   with ns_steps and per-step coefficients (Polar Express) cost nothing extra.
 - Under an FSDP mesh the batched NS input is constrained to be split along its batch (layer) axis,
@@ -34,9 +34,9 @@ _STANDARD_ROWS = ((3.4445, -4.7750, 2.0315),)
 # Application to the Muon Algorithm", arXiv:2505.16932, Algorithm 1 (degree 5, lower bound 1e-3).
 # Row t is the minimax-optimal odd quintic on the interval that rows < t leave, so any prefix is the
 # best composition of its length; from row 8 on the optimum is (15/8, -10/8, 3/8), which longer runs
-# repeat. The paper's safety margin for half precision: every row but the last is evaluated at x/1.01
-# (a/1.01, b/1.01^3, c/1.01^5) and the input is scaled by 1/(1.01 ||X||_F), so rounding that lifts a
-# singular value slightly above 1 is damped instead of amplified.
+# repeat. The paper's safety margin for half precision: every row but the last is evaluated at
+# x/1.01 (a/1.01, b/1.01^3, c/1.01^5) and the input is scaled by 1/(1.01 ||X||_F), so rounding that
+# lifts a singular value slightly above 1 is damped instead of amplified.
 _POLAR_EXPRESS_PAPER_ROWS = (
     (8.28721201814563, -23.595886519098837, 17.300387312530933),
     (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
@@ -152,10 +152,10 @@ def shape_scale(fan_in: int, fan_out: int, shape_scaling: str, rms_scale: float 
   """Per-matrix update multiplier.
 
   `spectral`: sqrt(max(1, fan_out/fan_in)) (Jordan; Bernstein & Newhouse), the spectral-norm-correct
-  size so one lr transfers across widths. `rms_match`: rms_scale * sqrt(max(fan_in, fan_out)) (Liu et
-  al. 2025, "Muon is Scalable for LLM Training", arXiv:2502.16982): an orthogonal m x n matrix has RMS
-  1/sqrt(max(m, n)), so this gives every Muon update RMS ~0.2, the RMS of typical AdamW updates, and
-  Muon can share AdamW's lr and weight decay.
+  size so one lr transfers across widths. `rms_match`: rms_scale * sqrt(max(fan_in, fan_out))
+  (Liu et al. 2025, "Muon is Scalable for LLM Training", arXiv:2502.16982): an orthogonal m x n
+  matrix has RMS 1/sqrt(max(m, n)), so this gives every Muon update RMS ~0.2, the RMS of typical
+  AdamW updates, and Muon can share AdamW's lr and weight decay.
   """
   if shape_scaling == 'spectral':
     return math.sqrt(max(1.0, fan_out / fan_in))
@@ -321,8 +321,8 @@ def scale_by_muon(
     rms_scale: target update RMS of 'rms_match'.
     variant: 'muon' or 'normuon' (Li et al. 2025, "NorMuon: Making Muon more efficient and
       scalable", arXiv:2510.05491): after NS, divide each output neuron's column by the sqrt of an
-      EMA (normuon_b2) of its mean square, then restore the NS output's Frobenius norm. The result is
-      invariant to the scale of G and evens out neurons that NS leaves uneven.
+      EMA (normuon_b2) of its mean square, then restore the NS output's Frobenius norm. The result
+      is invariant to the scale of G and evens out neurons that NS leaves uneven.
     layouts: None (last two axes are the matrix, leading axes batch), a callable
       (path, shape) -> layout string, or a pytree of layout strings; see `routing`.
     group_by_shape: run all matrices of one (wide) shape as one batched NS loop: fewer, larger

@@ -4,13 +4,14 @@ Routing is by path and never by ndim: a stacked norm scale (L, D) is 2-D and an 
 (L, D, N, H) is 4-D, so ndim says nothing about whether a tensor is a hidden matrix. Patterns are
 `re.fullmatch`ed against the '/'-joined dict keys (big_vision style); the first matching row wins.
 
-A Muon row carries a layout string with one letter per axis of the parameter: `b` batch (the stacked
-layer axis L, orthogonalised independently), `i` fan-in (the axes that `x @ W` contracts), `o` fan-out.
+A Muon row carries a layout string with one letter per axis of the parameter: `b` batch (the
+stacked layer axis L, orthogonalised independently), `i` fan-in (the axes that `x @ W` contracts),
+`o` fan-out.
 The matrix that Muon orthogonalises is the (prod(i), prod(o)) reshape, e.g. (D, N*H) for wq.
 """
 
 import re
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -2,7 +2,8 @@
 
 One multiplier drives both optimizer groups (Muon lr and AdamW lr), so the groups stay in the ratio
 the config sets. All schedules warm up linearly: step s < warmup_steps gets (s + 1) / warmup_steps,
-so the first step already moves (a 0 lr step is wasted compute) and step warmup_steps - 1 is at peak.
+so the first step already moves (a 0 lr step is wasted compute) and step warmup_steps - 1 is at
+peak.
 Steps are 0-based; `total_steps` is the number of optimizer steps of the run.
 
 - cosine: from the end of warm-up, half a cosine from 1 to min_lr_ratio, reached at total_steps.
