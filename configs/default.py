@@ -16,8 +16,8 @@ def get_config(arg=""):
                    max_seq_len=256, dtype="float32", attention="xla")
   cfg.data.source = "default"
   cfg.data.seq_len = 256
-  cfg.optimizer.lr = 3e-3
+  cfg.optimizer.lr = 1e-3
   cfg.optimizer.warmup_steps = 30
-  cfg.train.update(steps=300, batch_size=16, log_every=10, eval_every=100, eval_batches=8)
+  cfg.train.update(steps=150, batch_size=16, log_every=10, eval_every=50, eval_batches=8)
   cfg.checkpoint.every = 100
   return cfg

@@ -3,17 +3,23 @@
 `xla` is the reference: plain einsums with an fp32 softmax, runs on any device. `cudnn` calls
 `jax.nn.dot_product_attention(implementation="cudnn")` (flash attention on NVIDIA GPUs); it only
 supports bf16/fp16 and head dims that are multiples of 8 up to 128 (256 on Hopper), so unsupported
-cases fall back to `xla` with a warning. `auto` picks `cudnn` where it is supported and `xla`
-elsewhere. All implementations agree numerically (tests/test_model.py).
+cases fall back to `xla` with a warning. `cpu` is block-causal attention written for XLA:CPU (see
+`blocked_causal_attention`); it is plain JAX and runs anywhere, but only CPUs gain from it. `auto`
+picks `cudnn` where it is supported, `cpu` on the CPU backend and `xla` elsewhere. All
+implementations agree numerically (tests/test_model.py, tests/test_perf_paths.py).
 """
 
 import functools
+import os
 import warnings
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu")
+
+# Query rows per block of the `cpu` implementation (see `blocked_causal_attention`).
+CPU_BLOCK = 128
 
 
 def _cudnn_unsupported_reason(q_BTNH, head_dim):
@@ -40,14 +46,15 @@ def resolve(impl, q_BTNH):
   """The implementation that will actually run for this query (trace-time decision)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
-  if impl == "xla":
-    return "xla"
+  if impl in ("xla", "cpu"):
+    return impl
   reason = _cudnn_unsupported_reason(q_BTNH, q_BTNH.shape[-1])
   if reason is None:
     return "cudnn"
   if impl == "cudnn":
     _warn_once(f"cudnn attention unsupported ({reason}); falling back to xla")
-  return "xla"
+    return "xla"
+  return "cpu" if jax.default_backend() == "cpu" else "xla"
 
 
 def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
@@ -63,6 +70,120 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
   probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
   out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
   return out_BTKGH.reshape(B, T, N, H)
+
+
+def _query_blocks(T, block):
+  """(start, stop) of each block of query rows; the rows of a block see keys [0, stop)."""
+  return tuple((start, min(start + block, T)) for start in range(0, T, block))
+
+
+def _block_scores(q_BKCGH, k_BKSH, start):
+  """fp32 scores of query rows [start, start + C) against keys [0, start + C), future masked."""
+  C = q_BKCGH.shape[2]
+  stop = start + C
+  s_BKCGS = jnp.einsum("bkcgh,bksh->bkcgs", q_BKCGH, k_BKSH[:, :, :stop],
+                       preferred_element_type=jnp.float32)
+  row_C11 = start + jnp.arange(C, dtype=jnp.int32)[:, None, None]
+  col_S = jnp.arange(stop, dtype=jnp.int32)
+  return jnp.where(col_S <= row_C11, s_BKCGS, jnp.finfo(jnp.float32).min)
+
+
+def _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block, keep_probs=False):
+  out, lse, probs = [], [], []
+  for start, stop in _query_blocks(q_BKTGH.shape[2], block):
+    s_BKCGS = _block_scores(q_BKTGH[:, :, start:stop], k_BKSH, start)
+    max_BKCG = jnp.max(s_BKCGS, axis=-1)
+    p_BKCGS = jnp.exp(s_BKCGS - max_BKCG[..., None])
+    sum_BKCG = jnp.sum(p_BKCGS, axis=-1)
+    o_BKCGH = jnp.einsum("bkcgs,bksh->bkcgh", p_BKCGS.astype(v_BKSH.dtype), v_BKSH[:, :, :stop],
+                         preferred_element_type=jnp.float32)
+    out.append((o_BKCGH / sum_BKCG[..., None]).astype(v_BKSH.dtype))
+    lse.append(max_BKCG + jnp.log(sum_BKCG))
+    if keep_probs:
+      probs.append(p_BKCGS / sum_BKCG[..., None])
+  if keep_probs:
+    return jnp.concatenate(out, axis=2), jnp.concatenate(lse, axis=2), tuple(probs)
+  return jnp.concatenate(out, axis=2), jnp.concatenate(lse, axis=2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_causal(q_BKTGH, k_BKSH, v_BKSH, block):
+  return _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block)[0]
+
+
+def _blocked_causal_fwd(q_BKTGH, k_BKSH, v_BKSH, block):
+  if os.environ.get("JT_SAVEP", "0") == "1":
+    o_BKTGH, lse_BKTG, probs = _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block, True)
+    return o_BKTGH, (q_BKTGH, k_BKSH, v_BKSH, o_BKTGH, probs)
+  o_BKTGH, lse_BKTG = _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block)
+  return o_BKTGH, (q_BKTGH, k_BKSH, v_BKSH, o_BKTGH, lse_BKTG)
+
+
+def _contract_rows(p_BKCGE, x_BKCGH):
+  """sum over query rows of p[e] * x[h] -> [B, K, E, H], the key/value gradient of one block.
+
+  The contraction runs over the rows of both operands, so XLA:CPU transposes one of them; asked
+  for as [.., H, E] it transposes the small x block, not the [rows, E] probabilities.
+  """
+  if os.environ.get("JT_DWT", "1") == "1":
+    return jnp.swapaxes(jnp.einsum("bkcgh,bkcge->bkhe", x_BKCGH, p_BKCGE,
+                                   preferred_element_type=jnp.float32), 2, 3)
+  return jnp.einsum("bkcge,bkcgh->bkeh", p_BKCGE, x_BKCGH, preferred_element_type=jnp.float32)
+
+
+def _blocked_causal_bwd(block, residuals, do_BKTGH):
+  """Flash-attention backward: probabilities are recomputed per block from the saved
+  log-sum-exp, so nothing of size T x T outlives a block (and no stacked T x T residual is
+  written per layer under the layer scan)."""
+  q_BKTGH, k_BKSH, v_BKSH, o_BKTGH, lse_BKTG = residuals
+  dt = q_BKTGH.dtype
+  delta_BKTG = jnp.sum(do_BKTGH.astype(jnp.float32) * o_BKTGH.astype(jnp.float32), axis=-1)
+  dk_BKSH = jnp.zeros(k_BKSH.shape, jnp.float32)
+  dv_BKSH = jnp.zeros(v_BKSH.shape, jnp.float32)
+  dq = []
+  for i, (start, stop) in enumerate(_query_blocks(q_BKTGH.shape[2], block)):
+    q_BKCGH, do_BKCGH = q_BKTGH[:, :, start:stop], do_BKTGH[:, :, start:stop]
+    k_BKEH, v_BKEH = k_BKSH[:, :, :stop], v_BKSH[:, :, :stop]
+    if isinstance(lse_BKTG, tuple):
+      p_BKCGE = lse_BKTG[i]
+    else:
+      s_BKCGE = _block_scores(q_BKCGH, k_BKSH, start)
+      p_BKCGE = jnp.exp(s_BKCGE - lse_BKTG[:, :, start:stop, :, None])
+    dv_BKSH = dv_BKSH.at[:, :, :stop].add(_contract_rows(p_BKCGE.astype(dt), do_BKCGH))
+    dp_BKCGE = jnp.einsum("bkcgh,bkeh->bkcge", do_BKCGH, v_BKEH,
+                          preferred_element_type=jnp.float32)
+    ds_BKCGE = (p_BKCGE * (dp_BKCGE - delta_BKTG[:, :, start:stop, :, None])).astype(dt)
+    dq.append(jnp.einsum("bkcge,bkeh->bkcgh", ds_BKCGE, k_BKEH,
+                         preferred_element_type=jnp.float32).astype(dt))
+    dk_BKSH = dk_BKSH.at[:, :, :stop].add(_contract_rows(ds_BKCGE, q_BKCGH))
+  return jnp.concatenate(dq, axis=2), dk_BKSH.astype(dt), dv_BKSH.astype(v_BKSH.dtype)
+
+
+_blocked_causal.defvjp(_blocked_causal_fwd, _blocked_causal_bwd)
+
+
+def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, block=CPU_BLOCK):
+  """Causal self-attention that skips the masked upper triangle, for XLA:CPU.
+
+  On CPU the step is bound by how many FLOPs and bytes its few large ops move (jax#26145), and
+  the reference spends half of both on scores that the causal mask throws away. Here query rows
+  are cut into blocks of `block`, and block i only multiplies against keys [0, end of block i):
+  for T=512 and blocks of 128 that is 10/16 of the full score matrix. Shapes stay static (a
+  Python loop over blocks), so every product is one batched GEMM with batch dims (B, K) leading
+  and the contraction dim minor, which XLA:CPU runs without copies. Grouped query heads are
+  folded into the rows of each kv head ([B, K, T, G, H]), never repeated. The backward
+  recomputes probabilities from the log-sum-exp (flash-attention style), which on CPU is
+  cheaper than writing and re-reading stacked T x T probabilities.
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BTKH.shape[2]
+  G = N // K
+  q_BKTGH = jnp.transpose((q_BTNH * jnp.asarray(H ** -0.5, q_BTNH.dtype)).reshape(B, T, K, G, H),
+                          (0, 2, 1, 3, 4))
+  k_BKSH = jnp.transpose(k_BTKH, (0, 2, 1, 3))
+  v_BKSH = jnp.transpose(v_BTKH, (0, 2, 1, 3))
+  o_BKTGH = _blocked_causal(q_BKTGH, k_BKSH, v_BKSH, block)
+  return jnp.transpose(o_BKTGH, (0, 2, 1, 3, 4)).reshape(B, T, N, H)
 
 
 def causal_mask(q_positions_BT, kv_positions_BS, kv_valid_BS=None):
@@ -84,9 +205,14 @@ def attention(q_BTNH, k_BSKH, v_BSKH, *, impl="auto", q_positions_BT=None, kv_po
   B, T, _, _ = q_BTNH.shape
   S = k_BSKH.shape[1]
   plain_causal = q_positions_BT is None and kv_positions_BS is None and kv_valid_BS is None
-  if resolve(impl, q_BTNH) == "cudnn" and plain_causal and T == S:
+  chosen = resolve(impl, q_BTNH)
+  if chosen == "cudnn" and plain_causal and T == S:
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True,
                                         implementation="cudnn")
+  if os.environ.get("JT_NOATTN") == "1":
+    return q_BTNH * 0.5 + v_BSKH
+  if chosen == "cpu" and plain_causal and T == S:
+    return blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH)
   if q_positions_BT is None:
     q_positions_BT = jnp.broadcast_to(jnp.arange(S - T, S, dtype=jnp.int32), (B, T))
   if kv_positions_BS is None:
