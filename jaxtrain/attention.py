@@ -10,7 +10,6 @@ implementations agree numerically (tests/test_model.py, tests/test_perf_paths.py
 """
 
 import functools
-import os
 import warnings
 
 import jax
@@ -88,8 +87,8 @@ def _block_scores(q_BKCGH, k_BKSH, start):
   return jnp.where(col_S <= row_C11, s_BKCGS, jnp.finfo(jnp.float32).min)
 
 
-def _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block, keep_probs=False):
-  out, lse, probs = [], [], []
+def _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block):
+  out, lse = [], []
   for start, stop in _query_blocks(q_BKTGH.shape[2], block):
     s_BKCGS = _block_scores(q_BKTGH[:, :, start:stop], k_BKSH, start)
     max_BKCG = jnp.max(s_BKCGS, axis=-1)
@@ -99,10 +98,6 @@ def _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block, keep_probs=False):
                          preferred_element_type=jnp.float32)
     out.append((o_BKCGH / sum_BKCG[..., None]).astype(v_BKSH.dtype))
     lse.append(max_BKCG + jnp.log(sum_BKCG))
-    if keep_probs:
-      probs.append(p_BKCGS / sum_BKCG[..., None])
-  if keep_probs:
-    return jnp.concatenate(out, axis=2), jnp.concatenate(lse, axis=2), tuple(probs)
   return jnp.concatenate(out, axis=2), jnp.concatenate(lse, axis=2)
 
 
@@ -112,9 +107,6 @@ def _blocked_causal(q_BKTGH, k_BKSH, v_BKSH, block):
 
 
 def _blocked_causal_fwd(q_BKTGH, k_BKSH, v_BKSH, block):
-  if os.environ.get("JT_SAVEP", "0") == "1":
-    o_BKTGH, lse_BKTG, probs = _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block, True)
-    return o_BKTGH, (q_BKTGH, k_BKSH, v_BKSH, o_BKTGH, probs)
   o_BKTGH, lse_BKTG = _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block)
   return o_BKTGH, (q_BKTGH, k_BKSH, v_BKSH, o_BKTGH, lse_BKTG)
 
@@ -125,10 +117,8 @@ def _contract_rows(p_BKCGE, x_BKCGH):
   The contraction runs over the rows of both operands, so XLA:CPU transposes one of them; asked
   for as [.., H, E] it transposes the small x block, not the [rows, E] probabilities.
   """
-  if os.environ.get("JT_DWT", "1") == "1":
-    return jnp.swapaxes(jnp.einsum("bkcgh,bkcge->bkhe", x_BKCGH, p_BKCGE,
-                                   preferred_element_type=jnp.float32), 2, 3)
-  return jnp.einsum("bkcge,bkcgh->bkeh", p_BKCGE, x_BKCGH, preferred_element_type=jnp.float32)
+  return jnp.swapaxes(jnp.einsum("bkcgh,bkcge->bkhe", x_BKCGH, p_BKCGE,
+                                 preferred_element_type=jnp.float32), 2, 3)
 
 
 def _blocked_causal_bwd(block, residuals, do_BKTGH):
@@ -141,14 +131,11 @@ def _blocked_causal_bwd(block, residuals, do_BKTGH):
   dk_BKSH = jnp.zeros(k_BKSH.shape, jnp.float32)
   dv_BKSH = jnp.zeros(v_BKSH.shape, jnp.float32)
   dq = []
-  for i, (start, stop) in enumerate(_query_blocks(q_BKTGH.shape[2], block)):
+  for start, stop in _query_blocks(q_BKTGH.shape[2], block):
     q_BKCGH, do_BKCGH = q_BKTGH[:, :, start:stop], do_BKTGH[:, :, start:stop]
     k_BKEH, v_BKEH = k_BKSH[:, :, :stop], v_BKSH[:, :, :stop]
-    if isinstance(lse_BKTG, tuple):
-      p_BKCGE = lse_BKTG[i]
-    else:
-      s_BKCGE = _block_scores(q_BKCGH, k_BKSH, start)
-      p_BKCGE = jnp.exp(s_BKCGE - lse_BKTG[:, :, start:stop, :, None])
+    s_BKCGE = _block_scores(q_BKCGH, k_BKSH, start)
+    p_BKCGE = jnp.exp(s_BKCGE - lse_BKTG[:, :, start:stop, :, None])
     dv_BKSH = dv_BKSH.at[:, :, :stop].add(_contract_rows(p_BKCGE.astype(dt), do_BKCGH))
     dp_BKCGE = jnp.einsum("bkcgh,bkeh->bkcge", do_BKCGH, v_BKEH,
                           preferred_element_type=jnp.float32)
@@ -209,8 +196,6 @@ def attention(q_BTNH, k_BSKH, v_BSKH, *, impl="auto", q_positions_BT=None, kv_po
   if chosen == "cudnn" and plain_causal and T == S:
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True,
                                         implementation="cudnn")
-  if os.environ.get("JT_NOATTN") == "1":
-    return q_BTNH * 0.5 + v_BSKH
   if chosen == "cpu" and plain_causal and T == S:
     return blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH)
   if q_positions_BT is None:

@@ -13,7 +13,6 @@ Every parameter carries `logical_axes` metadata; `sharding.py` maps those names 
 
 import dataclasses
 import math
-import os
 from typing import Any
 
 import jax
@@ -222,16 +221,11 @@ class Attention(nnx.Module):
   def __call__(self, x_BTD, positions_BT, rope, impl, kv_cache=None):
     dt = x_BTD.dtype
     wq_DNH, wk_DKH, wv_DKH = (w[...].astype(dt) for w in (self.wq, self.wk, self.wv))
-    if os.environ.get("JT_QKV", "1") == "1":
-      # One GEMM for q, k and v: fewer, larger matmuls (and one weight-gradient matmul).
-      N, K = wq_DNH.shape[1], wk_DKH.shape[1]
-      w_DMH = jnp.concatenate([wq_DNH, wk_DKH, wv_DKH], axis=1)
-      qkv_BTMH = jnp.einsum("btd,dmh->btmh", x_BTD, w_DMH)
-      q_BTNH, k_BTKH, v_BTKH = jnp.split(qkv_BTMH, [N, N + K], axis=2)
-    else:
-      q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, wq_DNH)
-      k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, wk_DKH)
-      v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, wv_DKH)
+    # One GEMM for q, k and v: fewer, larger matmuls (and one weight-gradient matmul).
+    N, K = wq_DNH.shape[1], wk_DKH.shape[1]
+    w_DMH = jnp.concatenate([wq_DNH, wk_DKH, wv_DKH], axis=1)
+    qkv_BTMH = jnp.einsum("btd,dmh->btmh", x_BTD, w_DMH)
+    q_BTNH, k_BTKH, v_BTKH = jnp.split(qkv_BTMH, [N, N + K], axis=2)
     q_BTNH = rotate(q_BTNH, *rope)
     k_BTKH = rotate(k_BTKH, *rope)
     if kv_cache is None:
@@ -278,10 +272,7 @@ def _swiglu_bwd(residuals, dy_BTD):
   h_BTF = (silu_BTF * up_BTF).astype(dt)
   # Weight gradients contract over B*T, so XLA:CPU transposes one operand; asked for as [D, F]
   # it transposes the small dy [B*T, D], not h [B*T, F], and then only the small result.
-  if os.environ.get("JT_DWT", "1") == "1":
-    dw_down_FD = jnp.einsum("btd,btf->df", dy_BTD, h_BTF, preferred_element_type=jnp.float32).T
-  else:
-    dw_down_FD = jnp.einsum("btf,btd->fd", h_BTF, dy_BTD, preferred_element_type=jnp.float32)
+  dw_down_FD = jnp.einsum("btd,btf->df", dy_BTD, h_BTF, preferred_element_type=jnp.float32).T
   dh_BTF = jnp.einsum("btd,fd->btf", dy_BTD, w_down_FD, preferred_element_type=jnp.float32)
   dgate_BTF = dh_BTF * up_BTF * (sig_BTF * (1 + gate_BTF * (1 - sig_BTF)))
   dup_BTF = dh_BTF * silu_BTF
@@ -313,7 +304,7 @@ class MLP(nnx.Module):
   def __call__(self, x_BTD):
     dt = x_BTD.dtype
     w_gate, w_up, w_down = (w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down))
-    if self.fused_backward and os.environ.get("JT_MLP", "1") == "1":
+    if self.fused_backward:
       return swiglu(x_BTD, w_gate, w_up, w_down)
     gate_BTF = jnp.einsum("btd,df->btf", x_BTD, w_gate)
     up_BTF = jnp.einsum("btd,df->btf", x_BTD, w_up)
