@@ -396,7 +396,7 @@ def run_muon(args):
   try:
     from jaxtrain import optim  # pylint: disable=import-outside-toplevel
     cfg.optimizer.name = "muon"
-    optim.build_optimizer(cfg.optimizer, 10)
+    optim.build_optimizer(cfg.optimizer, cfg.train.steps)
     ns = ns_flops_per_step(cfg, model_cfg)
   except Exception as e:  # pylint: disable=broad-except
     print(f"Muon is not available here ({type(e).__name__}: {e}); nothing to compare.")
