@@ -13,7 +13,7 @@ def get_config(arg=""):
   del arg
   cfg = base_config()
   cfg.model.update(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=704, vocab_size=4096,
-                   max_seq_len=256, dtype="float32", attention="xla")
+                   max_seq_len=256, dtype="float32", attention="auto")
   cfg.data.source = "default"
   cfg.data.seq_len = 256
   cfg.optimizer.lr = 1e-3

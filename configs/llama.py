@@ -36,7 +36,7 @@ def get_config(arg="toy"):
   cfg.model.update(d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads, d_ff=ff,
                    vocab_size=vocab)
   if hardware == "cpu":
-    cfg.model.update(dtype="float32", attention="xla")
+    cfg.model.update(dtype="float32", attention="auto")
     cfg.data.seq_len = 512
     cfg.train.batch_size = 8
   else:
