@@ -211,11 +211,17 @@ class Worker:
       self.proc.wait(timeout=60)
 
 
-def alternate(workers, repeats, command, record):
-  """`repeats` rounds; each round runs `command` once per worker, starting with a different one."""
+def alternate(workers, repeats, command, record, pause=0.0):
+  """`repeats` rounds; each round runs `command` once per worker, starting with a different one.
+
+  `pause` seconds of sleep before each command let the previous worker's idle threads stop
+  spinning (OpenMP and Eigen pools busy-wait for a while after a parallel region), so one side's
+  leftover spinning is not charged to the other side's step.
+  """
   for r in range(repeats):
     for i in range(len(workers)):
       w = workers[(i + r) % len(workers)]
+      time.sleep(pause)
       record(w, w.ask(command))
 
 
@@ -260,6 +266,8 @@ def parse_args(argv):
   parser.add_argument("--matmul-sizes", default="2048,4096",
                       help="square fp32 matmul sizes for the peak; the best median counts")
   parser.add_argument("--matmul-repeats", type=int, default=5)
+  parser.add_argument("--pause", type=float, default=2.0,
+                      help="seconds of idle before each timed command (see `alternate`)")
   parser.add_argument("--muon", action="store_true",
                       help="instead: jaxtrain Muon vs AdamW step time at 1x and 4x the batch")
   parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
@@ -320,11 +328,12 @@ def run_comparison(args):
     for side in sides:
       workers.append(Worker(names[side], side, spec))
       print(f"{names[side]} ready: {workers[-1].info}", file=sys.stderr)
-    alternate(workers, args.repeats, "step", lambda w, r: w.steps.append(r["seconds"]))
+    alternate(workers, args.repeats, "step", lambda w, r: w.steps.append(r["seconds"]),
+              args.pause)
     sizes = [int(n) for n in args.matmul_sizes.split(",") if n]
     for n in sizes:
       alternate(workers, args.matmul_repeats, f"matmul {n}",
-                lambda w, r, n=n: w.matmuls.setdefault(n, []).append(r["seconds"]))
+                lambda w, r, n=n: w.matmuls.setdefault(n, []).append(r["seconds"]), args.pause)
     rss = {w.name: w.ask("rss")["peak_rss_mib"] for w in workers}
   finally:
     for w in workers:
@@ -416,7 +425,8 @@ def run_muon(args):
     try:
       for name in ("adamw", "muon"):
         workers.append(Worker(name, "jax", with_overrides(s, ("optimizer.name", name))))
-      alternate(workers, args.repeats, "step", lambda w, r: w.steps.append(r["seconds"]))
+      alternate(workers, args.repeats, "step", lambda w, r: w.steps.append(r["seconds"]),
+                args.pause)
     finally:
       for w in workers:
         w.close()
