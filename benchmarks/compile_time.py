@@ -32,13 +32,10 @@ def compile_once(spec):
   start = time.perf_counter()
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import jaxtrain  # pylint: disable=import-outside-toplevel
   from jaxtrain import config as config_lib, sharding, trainer  # pylint: disable=import-outside-toplevel
   import_seconds = time.perf_counter() - start
 
-  cfg = jaxtrain.load_config(spec["config"])
-  for key, value in spec["overrides"]:
-    config_lib.apply_override(cfg, key, value)
+  cfg = config_lib.load_config(spec["config"], spec["overrides"])
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   start = time.perf_counter()
   setup = trainer.make_setup(cfg, mesh)

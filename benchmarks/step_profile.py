@@ -71,13 +71,10 @@ def trace_step(args):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  import jaxtrain  # pylint: disable=import-outside-toplevel
   from jaxtrain import config as config_lib, sharding, trainer  # pylint: disable=import-outside-toplevel
 
-  cfg = jaxtrain.load_config(args.config)
-  for item in [f"optimizer.name={args.optimizer}"] + args.set:
-    key, _, value = item.partition("=")
-    config_lib.apply_override(cfg, key, value)
+  cfg = config_lib.load_config(args.config, [item.partition("=")[::2] for item in
+                                              [f"optimizer.name={args.optimizer}"] + args.set])
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   setup = trainer.make_setup(cfg, mesh)
   state = setup.init(cfg.train.seed)
@@ -171,7 +168,7 @@ def main(argv=None):
   span_total = sum(spans.values()) or 1
   for label, ns in sorted(spans.items()):
     print(f"| {label} | {ns / 1e9:.2f} | {100 * ns / span_total:.0f}% |")
-  print(f"\n| op | calls | time (ms) | output | source op |\n|---|---|---|---|---|")
+  print("\n| op | calls | time (ms) | output | source op |\n|---|---|---|---|---|")
   for name, ns in by_op.most_common(args.top):
     shape, source = info.get(name, ("?", "?"))
     print(f"| {name} | {calls[name]} | {ns / 1e6:.0f} | {shape} | {source[-70:]} |")

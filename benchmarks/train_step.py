@@ -84,12 +84,9 @@ def jax_worker(spec):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + spec["xla_flags"]).strip()
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import jaxtrain  # pylint: disable=import-outside-toplevel
   from jaxtrain import config as config_lib, sharding, trainer  # pylint: disable=import-outside-toplevel
 
-  cfg = jaxtrain.load_config(spec["config"])
-  for key, value in spec["overrides"]:
-    config_lib.apply_override(cfg, key, value)
+  cfg = config_lib.load_config(spec["config"], spec["overrides"])
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   start = time.perf_counter()
   setup = trainer.make_setup(cfg, mesh)
@@ -276,16 +273,13 @@ def parse_args(argv):
 
 
 def base_spec(args):
-  import jaxtrain  # pylint: disable=import-outside-toplevel
   from jaxtrain import config as config_lib  # pylint: disable=import-outside-toplevel
-  cfg = jaxtrain.load_config(args.config)
   overrides = [tuple(s.split("=", 1)) for s in args.set]
   if args.batch_size:
     overrides.append(("train.batch_size", str(args.batch_size)))
   if args.seq_len:
     overrides.append(("data.seq_len", str(args.seq_len)))
-  for key, value in overrides:
-    config_lib.apply_override(cfg, key, value)
+  cfg = config_lib.load_config(args.config, overrides)
   model, model_cfg = model_spec(cfg)
   o = cfg.optimizer
   spec = {"config": args.config, "overrides": overrides, "seed": 0,

@@ -52,10 +52,7 @@ class Args:
     spec = self.config or DEFAULT_CONFIG
     if not self.config and not os.path.exists(DEFAULT_CONFIG):
       raise UserError("no --config given and configs/default.py is not next to the package")
-    cfg = config_lib.load_config(spec)
-    for key, value in self.overrides:
-      config_lib.apply_override(cfg, key, value)
-    return cfg
+    return config_lib.load_config(spec, self.overrides)
 
 
 def cmd_train(argv):

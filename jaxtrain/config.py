@@ -54,8 +54,12 @@ def _load_module(path):
   return module
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """`path.py` or `path.py:arg` -> ConfigDict (not yet validated)."""
+def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
+  """`path.py` or `path.py:arg` -> ConfigDict (not yet validated).
+
+  `overrides`: (dotted key, text) pairs applied in order with `apply_override`, as the CLI's
+  `--config.KEY=VALUE` flags are.
+  """
   path, _, arg = spec.partition(":")
   module = _load_module(path)
   try:
@@ -66,6 +70,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     raise
   except Exception as e:
     raise UserError(f"config {spec}: {type(e).__name__}: {e}") from e
+  for key, value in overrides:
+    apply_override(cfg, key, value)
   return cfg
 
 
