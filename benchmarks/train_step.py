@@ -118,7 +118,8 @@ def jax_worker(spec):
   step_fn()  # A second warm-up step: buffers from donation settle.
   _reply({"ready": True, "compile_seconds": compile_seconds, "first_loss": first_loss,
           "version": f"jax {jax.__version__}", "attention": cfg.model.attention,
-          "xla_flags": os.environ.get("XLA_FLAGS", "")})
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
   _serve(step_fn, matmul_fn)
 
 
@@ -182,10 +183,14 @@ def torch_worker(spec):
 class Worker:
 
   def __init__(self, name, side, spec):
+    from jaxtrain import hugepages  # pylint: disable=import-outside-toplevel
     self.name, self.side, self.spec = name, side, spec
+    env = dict(os.environ)
+    if side == "jax" and spec.get("hugepages", True) and hugepages.wanted(env):
+      env = hugepages.env_with_hugepages(env)  # What the `jaxtrain` command runs with.
     self.proc = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), f"--worker={side}", "--spec", json.dumps(spec)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     self.info = self._read()
     self.steps, self.matmuls = [], {}
@@ -259,6 +264,9 @@ def parse_args(argv):
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="jaxtrain config override, e.g. --set model.attention=xla (repeatable)")
   parser.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the jaxtrain worker")
+  parser.add_argument("--hugepages", choices=("on", "off"), default="on",
+                      help="jaxtrain worker with glibc.malloc.hugetlb=1, as the jaxtrain command "
+                           "runs (jaxtrain/hugepages.py); off: plain malloc")
   parser.add_argument("--peer-attention", default="sdpa", help="HF attn_implementation")
   parser.add_argument("--matmul-sizes", default="2048,4096",
                       help="square fp32 matmul sizes for the peak; the best median counts")
@@ -285,7 +293,7 @@ def base_spec(args):
   spec = {"config": args.config, "overrides": overrides, "seed": 0,
           "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
           "vocab_size": model["vocab_size"], "model": model, "xla_flags": args.xla_flags,
-          "peer_attention": args.peer_attention,
+          "peer_attention": args.peer_attention, "hugepages": args.hugepages == "on",
           "optimizer": {"lr": o.lr, "b1": o.b1, "b2": o.b2, "eps": o.eps,
                         "weight_decay": o.weight_decay, "clip_norm": o.clip_norm}}
   return spec, cfg, model_cfg
@@ -370,7 +378,9 @@ def run_comparison(args):
   for c in cols:
     print(f"- {c}: {rows[c]['info']['version']}; attention {rows[c]['info']['attention']}"
           + (f"; XLA_FLAGS={rows[c]['info']['xla_flags']!r}" if rows[c]['info'].get('xla_flags')
-             else ""))
+             else "")
+          + (f"; GLIBC_TUNABLES={rows[c]['info']['glibc_tunables']}"
+             if rows[c]['info'].get('glibc_tunables') else ""))
   print(f"- load average at the end: {os.getloadavg()[0]:.2f}")
 
 
