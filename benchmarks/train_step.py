@@ -5,6 +5,7 @@
     python benchmarks/train_step.py --sides=jax                # jaxtrain only (no PyTorch needed)
     python benchmarks/train_step.py --muon                     # Muon / AdamW step time, 1x and 4x batch
     python benchmarks/train_step.py --xla-flags='--xla_cpu_...' # try an XLA flag on the jaxtrain side
+    python benchmarks/train_step.py --hugepages=off            # jaxtrain worker with plain malloc
 
 Both sides train the same model (sizes from `--config`, fp32, untied, no dropout) on the same random
 batch with AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1, global-norm clipping at 1.0). The peer
@@ -12,9 +13,11 @@ is what a PyTorch user writes: `LlamaForCausalLM(config)` (SDPA attention), `F.c
 logits, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW`. Each side runs in its own worker
 process, so the peak RSS reported is that side's alone, and the parent alternates single timed steps
 between the workers (at least 5 each), so whatever else the machine is doing hits both sides alike:
-compare the ratio, not the absolute seconds. The fp32 matmul peak of each framework (the best median
-over a few large square matmuls) is measured the same way, alternating; "of peak" is each side's
-model FLOP/s (jaxtrain.model.flops_per_token x tokens / step time) over its own peak.
+compare the ratio, not the absolute seconds. The jaxtrain worker starts with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as the `jaxtrain` command does (jaxtrain/hugepages.py).
+The fp32 matmul peak of each framework (the best median over a few large square matmuls) is
+measured the same way, alternating; "of peak" is each side's model FLOP/s
+(jaxtrain.model.flops_per_token x tokens / step time) over its own peak.
 
 torch and transformers are imported only by the peer worker (`pip install -e .[hf]`).
 """

@@ -60,7 +60,7 @@ def reexec_with_hugepages(interpreter_args):
 
   Returns only when nothing needs doing (tunable already set, opted out, not glibc).
   """
-  if not wanted():
+  if not wanted() or not sys.executable:
     return
   sys.stdout.flush()
   sys.stderr.flush()
