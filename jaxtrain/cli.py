@@ -129,10 +129,11 @@ COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "info"
 
 
 def main(argv=None):
-  if argv is None:
-    # Before JAX is imported: restart once with huge pages for XLA's buffers (jaxtrain/hugepages.py).
+  if argv is None and os.path.basename(sys.argv[0]) in ("jaxtrain", "cli.py"):
+    # The `jaxtrain` program itself (not a notebook calling main()): before JAX is imported,
+    # restart once with huge pages for XLA's buffers (jaxtrain/hugepages.py).
     from jaxtrain import hugepages  # pylint: disable=import-outside-toplevel
-    hugepages.reexec_with_hugepages(["-m", "jaxtrain.cli", *sys.argv[1:]])
+    hugepages.reexec_with_hugepages()
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ("-h", "--help", "help"):
     if not argv:

@@ -3,16 +3,16 @@
 XLA:CPU allocates each large temporary buffer of a step afresh with malloc, which glibc serves
 with a new mmap; the kernel then faults every 4 KiB page in on first touch. The 35M training
 step touches ~1.65 GB this way, ~420,000 page faults per step. Alone on an idle machine that
-costs ~1.8 s of kernel time per step; with another large process alive (a PyTorch peer, a data
-worker, a notebook kernel) we measured it at ~5 s and the step 12-25% slower
-(docs/benchmarks.md). With the tunable, glibc asks for transparent huge pages
+costs ~1.8 s of kernel time per step; with another large process alive (in our measurement an
+idle PyTorch worker) it was ~5 s and the step 19-38% slower (docs/benchmarks.md). With the tunable, glibc asks for transparent huge pages
 (`madvise(MADV_HUGEPAGE)`) on those mappings: 2 MiB pages, ~2,000 faults per step, and memory is
 still returned to the system when a buffer is freed (peak RSS unchanged).
 
-glibc reads tunables only when a process starts, so the `jaxtrain` command re-executes itself
-once with the tunable added (`reexec_with_hugepages`); Python API users who want it start Python
-with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`. `JAXTRAIN_HUGEPAGES=0` turns it off. Linux with
-glibc >= 2.35 only; elsewhere nothing changes (older glibc ignores unknown tunables).
+glibc reads tunables only when a process starts, so the `jaxtrain` command re-executes its own
+command line once with the tunable added (`reexec_with_hugepages`); Python API users who want it
+start Python with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`. `JAXTRAIN_HUGEPAGES=0` turns it off,
+and a hugetlb value the user set in GLIBC_TUNABLES is kept. Linux with glibc >= 2.35 only
+(the first glibc with the tunable); elsewhere nothing changes.
 """
 
 import os
@@ -36,32 +36,37 @@ def _glibc_has_tunable():
   return (major, minor) >= (2, 35)
 
 
+def _tunables(env):
+  return [item for item in env.get("GLIBC_TUNABLES", "").split(":") if item]
+
+
+def _hugetlb_set(env):
+  return any(item.startswith("glibc.malloc.hugetlb=") for item in _tunables(env))
+
+
 def env_with_hugepages(env):
-  """A copy of `env` with the tunable appended to GLIBC_TUNABLES (kept if already there)."""
+  """A copy of `env` with the tunable appended to GLIBC_TUNABLES (a hugetlb value already there
+  is kept)."""
   env = dict(env)
-  current = env.get("GLIBC_TUNABLES", "")
-  entries = [item for item in current.split(":") if item]
-  if not any(item.startswith("glibc.malloc.hugetlb=") for item in entries):
-    entries.append(TUNABLE)
-  env["GLIBC_TUNABLES"] = ":".join(entries)
+  if not _hugetlb_set(env):
+    env["GLIBC_TUNABLES"] = ":".join(_tunables(env) + [TUNABLE])
   return env
 
 
 def wanted(env=None):
   """True when a process started with `env` should get the tunable and does not have it yet."""
   env = os.environ if env is None else env
-  if env.get(OPT_OUT, "1") == "0" or not _glibc_has_tunable():
-    return False
-  return env_with_hugepages(env).get("GLIBC_TUNABLES") != env.get("GLIBC_TUNABLES")
+  return env.get(OPT_OUT, "1") != "0" and _glibc_has_tunable() and not _hugetlb_set(env)
 
 
-def reexec_with_hugepages(interpreter_args):
-  """Replace this process by `python INTERPRETER_ARGS...` with the tunable set, if wanted.
+def reexec_with_hugepages():
+  """Run this process's own command line (`sys.orig_argv`) again with the tunable set, if wanted.
 
-  Returns only when nothing needs doing (tunable already set, opted out, not glibc).
+  Interpreter options (`-X`, `-W`, ...) and arguments are kept. Returns only when nothing needs
+  doing (tunable already set, opted out, not glibc >= 2.35).
   """
   if not wanted() or not sys.executable:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *interpreter_args], env_with_hugepages(os.environ))
+  os.execve(sys.executable, sys.orig_argv, env_with_hugepages(os.environ))
