@@ -1,7 +1,8 @@
 """Training step time and memory on CPU: jaxtrain against HF transformers' LlamaForCausalLM.
 
     python benchmarks/train_step.py                            # 35M, fp32, AdamW, batch 8 x 512
-    python benchmarks/train_step.py --repeats=9                # more alternating runs
+    python benchmarks/train_step.py --repeats=9                # more alternating bursts
+    python benchmarks/train_step.py --burst=1                  # single steps after a pause
     python benchmarks/train_step.py --sides=jax                # jaxtrain only (no PyTorch needed)
     python benchmarks/train_step.py --muon                     # Muon / AdamW step time, 1x and 4x batch
     python benchmarks/train_step.py --xla-flags='--xla_cpu_...' # try an XLA flag on the jaxtrain side
@@ -11,10 +12,14 @@ Both sides train the same model (sizes from `--config`, fp32, untied, no dropout
 batch with AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1, global-norm clipping at 1.0). The peer
 is what a PyTorch user writes: `LlamaForCausalLM(config)` (SDPA attention), `F.cross_entropy` on its
 logits, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW`. Each side runs in its own worker
-process, so the peak RSS reported is that side's alone, and the parent alternates single timed steps
-between the workers (at least 5 each), so whatever else the machine is doing hits both sides alike:
-compare the ratio, not the absolute seconds. The jaxtrain worker starts with
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as the `jaxtrain` command does (jaxtrain/hugepages.py).
+process, so the peak RSS reported is that side's alone, and the parent alternates timed bursts of
+`--burst` steps between the workers (5 bursts each by default), so whatever else the machine is
+doing hits both sides alike: compare the ratio, not the absolute seconds. Steps within a burst run
+back to back, as in a training loop; the first step of each burst follows the idle pause and is
+not counted (on our VM, memory that a step freed and left idle for ~2 s costs much more kernel
+time to fault in again than memory reused at once: docs/benchmarks.md). The jaxtrain worker
+starts with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as the `jaxtrain` command does
+(jaxtrain/hugepages.py).
 The fp32 matmul peak of each framework (the best median over a few large square matmuls) is
 measured the same way, alternating; "of peak" is each side's model FLOP/s
 (jaxtrain.model.flops_per_token x tokens / step time) over its own peak.
@@ -63,10 +68,14 @@ def _serve(step_fn, matmul_fn):
     command = line.split()
     if not command:
       continue
-    if command[0] == "step":
-      start = time.perf_counter()
-      loss = step_fn()
-      _reply({"seconds": time.perf_counter() - start, "loss": loss})
+    if command[0] == "step":  # `step N`: N steps back to back, as a training loop runs them.
+      each = []
+      for _ in range(int(command[1]) if len(command) > 1 else 1):
+        start = time.perf_counter()
+        loss = step_fn()
+        each.append(time.perf_counter() - start)
+      counted = each[1:] or each
+      _reply({"seconds": sum(counted) / len(counted), "each": each, "loss": loss})
     elif command[0] == "matmul":
       n = int(command[1])
       if n not in warm:
@@ -262,7 +271,11 @@ def parse_args(argv):
                       help="jaxtrain config (its cpu preset: fp32, seq 512, batch 8)")
   parser.add_argument("--batch-size", type=int, default=0, help="0: the config's train.batch_size")
   parser.add_argument("--seq-len", type=int, default=0, help="0: the config's data.seq_len")
-  parser.add_argument("--repeats", type=int, default=5, help="timed steps per side (alternating)")
+  parser.add_argument("--repeats", type=int, default=5,
+                      help="timed bursts of steps per side (alternating)")
+  parser.add_argument("--burst", type=int, default=3,
+                      help="steps per timed command, run back to back as in training; all but "
+                           "the first (which follows the idle pause) are counted")
   parser.add_argument("--sides", default="jax,torch", help="jax, torch or both")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="jaxtrain config override, e.g. --set model.attention=xla (repeatable)")
@@ -314,7 +327,8 @@ def header(args, cfg, model_cfg, flops_per_token, tokens):
       f"{model_cfg.n_heads} heads, ffn {model_cfg.d_ff}, vocab {model_cfg.vocab_size}, "
       f"dtype {cfg.model.dtype}), batch {cfg.train.batch_size} x {cfg.data.seq_len} = {tokens} "
       f"tokens, {flops_per_token / 1e6:.1f} MFLOP/token (jaxtrain.model.flops_per_token), "
-      f"{args.repeats} alternating steps per side",
+      f"{args.repeats} alternating bursts of {args.burst} steps per side "
+      f"({args.repeats * max(args.burst - 1, 1)} counted)",
       f"command: python benchmarks/train_step.py {' '.join(sys.argv[1:])}".rstrip(),
   ]
 
@@ -333,8 +347,10 @@ def run_comparison(args):
     for side in sides:
       workers.append(Worker(names[side], side, spec))
       print(f"{names[side]} ready: {workers[-1].info}", file=sys.stderr)
-    alternate(workers, args.repeats, "step", lambda w, r: w.steps.append(r["seconds"]),
-              args.pause)
+    # Each timed command runs a burst of steps back to back; the first, right after the pause,
+    # is not counted (see --burst).
+    alternate(workers, args.repeats, f"step {args.burst}",
+              lambda w, r: w.steps.extend(r["each"][1:] or r["each"]), args.pause)
     sizes = [int(n) for n in args.matmul_sizes.split(",") if n]
     for n in sizes:
       alternate(workers, args.matmul_repeats, f"matmul {n}",
