@@ -74,8 +74,8 @@ def _serve(step_fn, matmul_fn):
         start = time.perf_counter()
         loss = step_fn()
         each.append(time.perf_counter() - start)
-      counted = each[1:] or each
-      _reply({"seconds": sum(counted) / len(counted), "each": each, "loss": loss})
+      counted = each[1:] or each  # The first of a burst follows the idle pause (see --burst).
+      _reply({"seconds": sum(counted) / len(counted), "counted": counted, "loss": loss})
     elif command[0] == "matmul":
       n = int(command[1])
       if n not in warm:
@@ -293,7 +293,10 @@ def parse_args(argv):
                       help="instead: jaxtrain Muon vs AdamW step time at 1x and 4x the batch")
   parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   parser.add_argument("--spec", help=argparse.SUPPRESS)
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.burst < 1 or args.repeats < 1:
+    parser.error(f"--burst and --repeats must be >= 1, got {args.burst} and {args.repeats}")
+  return args
 
 
 def base_spec(args):
@@ -347,10 +350,8 @@ def run_comparison(args):
     for side in sides:
       workers.append(Worker(names[side], side, spec))
       print(f"{names[side]} ready: {workers[-1].info}", file=sys.stderr)
-    # Each timed command runs a burst of steps back to back; the first, right after the pause,
-    # is not counted (see --burst).
     alternate(workers, args.repeats, f"step {args.burst}",
-              lambda w, r: w.steps.extend(r["each"][1:] or r["each"]), args.pause)
+              lambda w, r: w.steps.extend(r["counted"]), args.pause)
     sizes = [int(n) for n in args.matmul_sizes.split(",") if n]
     for n in sizes:
       alternate(workers, args.matmul_repeats, f"matmul {n}",
