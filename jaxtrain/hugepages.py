@@ -8,8 +8,8 @@ it was ~5 s and the step 19-38% slower (docs/benchmarks.md). With the tunable, g
 transparent huge pages (`madvise(MADV_HUGEPAGE)`) on those mappings: 2 MiB pages, ~2,000 faults per
 step, and memory is still returned to the system when a buffer is freed (peak RSS unchanged). In a
 12-step `jaxtrain train` run: less kernel time (25 s vs 32-35 s), a slightly lower peak RSS and the
-same speed within noise; glibc's keep-the-heap tunables and mimalloc did worse there
-(docs/benchmarks.md).
+same speed within noise. glibc's keep-the-heap tunables were not robust and mimalloc was either
+slower or used far more memory there (docs/benchmarks.md).
 
 glibc reads tunables only when a process starts, so the `jaxtrain` command re-executes its own
 command line once with the tunable added (`reexec_with_hugepages`); Python API users who want it
