@@ -17,8 +17,9 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu")
 
-# Query rows per block of the `cpu` implementation (see `blocked_causal_attention`).
-CPU_BLOCK = 128
+# Query rows per block of the `cpu` implementation (see `blocked_causal_attention`); 256 measured
+# faster than 128 or 512 for the 35M step on CPU (docs/benchmarks.md).
+CPU_BLOCK = 256
 
 
 def _cudnn_unsupported_reason(q_BTNH, head_dim):
@@ -111,14 +112,15 @@ def _blocked_causal_fwd(q_BKTGH, k_BKSH, v_BKSH, block):
   return o_BKTGH, (q_BKTGH, k_BKSH, v_BKSH, o_BKTGH, lse_BKTG)
 
 
-def _contract_rows(p_BKCGE, x_BKCGH):
-  """sum over query rows of p[e] * x[h] -> [B, K, E, H], the key/value gradient of one block.
+def _contract_rows(x_BKCGH, p_BKCGE):
+  """sum over query rows of x[h] * p[e] -> [B, K, H, E], a key/value gradient block, transposed.
 
-  The contraction runs over the rows of both operands, so XLA:CPU transposes one of them; asked
-  for as [.., H, E] it transposes the small x block, not the [rows, E] probabilities.
+  The contraction runs over the rows of both operands. Asked for as [.., H, E] (the key axis
+  minor), XLA:CPU transposes only the small x block and the product is a plain YNNPACK GEMM;
+  asked for as [.., E, H] the output layout sends it to a slower generic dot. So the backward
+  accumulates dk and dv as [B, K, H, S] and transposes each once at the end.
   """
-  return jnp.swapaxes(jnp.einsum("bkcgh,bkcge->bkhe", x_BKCGH, p_BKCGE,
-                                 preferred_element_type=jnp.float32), 2, 3)
+  return jnp.einsum("bkcgh,bkcge->bkhe", x_BKCGH, p_BKCGE, preferred_element_type=jnp.float32)
 
 
 def _blocked_causal_bwd(block, residuals, do_BKTGH):
@@ -128,22 +130,24 @@ def _blocked_causal_bwd(block, residuals, do_BKTGH):
   q_BKTGH, k_BKSH, v_BKSH, o_BKTGH, lse_BKTG = residuals
   dt = q_BKTGH.dtype
   delta_BKTG = jnp.sum(do_BKTGH.astype(jnp.float32) * o_BKTGH.astype(jnp.float32), axis=-1)
-  dk_BKSH = jnp.zeros(k_BKSH.shape, jnp.float32)
-  dv_BKSH = jnp.zeros(v_BKSH.shape, jnp.float32)
+  B, K, S, H = k_BKSH.shape
+  dk_BKHS = jnp.zeros((B, K, H, S), jnp.float32)
+  dv_BKHS = jnp.zeros((B, K, H, S), jnp.float32)
   dq = []
   for start, stop in _query_blocks(q_BKTGH.shape[2], block):
     q_BKCGH, do_BKCGH = q_BKTGH[:, :, start:stop], do_BKTGH[:, :, start:stop]
     k_BKEH, v_BKEH = k_BKSH[:, :, :stop], v_BKSH[:, :, :stop]
     s_BKCGE = _block_scores(q_BKCGH, k_BKSH, start)
     p_BKCGE = jnp.exp(s_BKCGE - lse_BKTG[:, :, start:stop, :, None])
-    dv_BKSH = dv_BKSH.at[:, :, :stop].add(_contract_rows(p_BKCGE.astype(dt), do_BKCGH))
+    dv_BKHS = dv_BKHS.at[..., :stop].add(_contract_rows(do_BKCGH, p_BKCGE.astype(dt)))
     dp_BKCGE = jnp.einsum("bkcgh,bkeh->bkcge", do_BKCGH, v_BKEH,
                           preferred_element_type=jnp.float32)
     ds_BKCGE = (p_BKCGE * (dp_BKCGE - delta_BKTG[:, :, start:stop, :, None])).astype(dt)
     dq.append(jnp.einsum("bkcge,bkeh->bkcgh", ds_BKCGE, k_BKEH,
                          preferred_element_type=jnp.float32).astype(dt))
-    dk_BKSH = dk_BKSH.at[:, :, :stop].add(_contract_rows(ds_BKCGE, q_BKCGH))
-  return jnp.concatenate(dq, axis=2), dk_BKSH.astype(dt), dv_BKSH.astype(v_BKSH.dtype)
+    dk_BKHS = dk_BKHS.at[..., :stop].add(_contract_rows(q_BKCGH, ds_BKCGE))
+  return (jnp.concatenate(dq, axis=2), jnp.swapaxes(dk_BKHS, 2, 3).astype(dt),
+          jnp.swapaxes(dv_BKHS, 2, 3).astype(v_BKSH.dtype))
 
 
 _blocked_causal.defvjp(_blocked_causal_fwd, _blocked_causal_bwd)
@@ -155,7 +159,8 @@ def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, block=CPU_BLOCK):
   On CPU the step is bound by how many FLOPs and bytes its few large ops move (jax#26145), and
   the reference spends half of both on scores that the causal mask throws away. Here query rows
   are cut into blocks of `block`, and block i only multiplies against keys [0, end of block i):
-  for T=512 and blocks of 128 that is 10/16 of the full score matrix. Shapes stay static (a
+  for T=512 and blocks of 256 that is 3/4 of the full score matrix (blocks of 128: 5/8, but
+  XLA:CPU runs their small per-batch GEMMs slower; docs/benchmarks.md). Shapes stay static (a
   Python loop over blocks), so every product is one batched GEMM with batch dims (B, K) leading
   and the contraction dim minor, which XLA:CPU runs without copies. Grouped query heads are
   folded into the rows of each kv head ([B, K, T, G, H]), never repeated. The backward
