@@ -17,8 +17,8 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu")
 
-# Query rows per block of the `cpu` implementation (see `blocked_causal_attention`); 256 measured
-# faster than 128 or 512 for the 35M step on CPU (docs/benchmarks.md).
+# Query rows per block of the `cpu` implementation (see `blocked_causal_attention`). For the 35M
+# step on CPU 256 measured faster than 128, and alone faster than 512 (docs/benchmarks.md).
 CPU_BLOCK = 256
 
 
@@ -159,8 +159,8 @@ def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, block=CPU_BLOCK):
   On CPU the step is bound by how many FLOPs and bytes its few large ops move (jax#26145), and
   the reference spends half of both on scores that the causal mask throws away. Here query rows
   are cut into blocks of `block`, and block i only multiplies against keys [0, end of block i):
-  for T=512 and blocks of 256 that is 3/4 of the full score matrix (blocks of 128: 5/8, but
-  XLA:CPU runs their small per-batch GEMMs slower; docs/benchmarks.md). Shapes stay static (a
+  for T=512 and blocks of 256 that is 3/4 of the full score matrix (blocks of 128: 5/8, yet the
+  training step measured slower with them; docs/benchmarks.md). Shapes stay static (a
   Python loop over blocks), so every product is one batched GEMM with batch dims (B, K) leading
   and the contraction dim minor, which XLA:CPU runs without copies. Grouped query heads are
   folded into the rows of each kv head ([B, K, T, G, H]), never repeated. The backward
