@@ -17,7 +17,10 @@ per-op trace events, `--xla_cpu_enable_xprof_traceme`) and reads the trace back 
 - how much of the wall time one matmul, two matmuls, only non-matmul ops, or nothing ran;
 - the `--top` ops by time with their HLO output shape and source op.
 
-Tracing costs a few percent; use benchmarks/train_step.py for step times.
+Tracing costs a few percent; use benchmarks/train_step.py for step times. Dots that XLA:CPU
+hands to Eigen (ops named `dot.N` or `dot_general.N`, not `ynn_fusion`) run on Eigen's own
+thread pool, and the trace may hold only their dispatch: a 12-GFLOP weight-gradient dot showed
+as 0.4 ms. Their time then lands in "nothing (waits, dispatch)".
 """
 
 import argparse
