@@ -12,6 +12,7 @@ Every parameter carries `logical_axes` metadata; `sharding.py` maps those names 
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -158,10 +159,44 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones(stack + (dim,), param_dtype), logical_axes=stack_axes + ("norm",))
 
   def __call__(self, x_BTD):
-    x32_BTD = x_BTD.astype(jnp.float32)
-    variance_BT1 = jnp.mean(jnp.square(x32_BTD), axis=-1, keepdims=True)
-    normed_BTD = (x32_BTD * jax.lax.rsqrt(variance_BT1 + self.eps)).astype(x_BTD.dtype)
-    return normed_BTD * self.scale[...].astype(x_BTD.dtype)
+    return rms_norm(x_BTD, self.scale[...].astype(x_BTD.dtype), self.eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x_BTD, scale_D, eps):
+  """x / sqrt(mean(x^2) + eps) * scale, normalised in fp32, with a backward that saves only x.
+
+  Autodiff of the formula saves x, 2x (from the square's derivative) and the normalised x for
+  every norm: under the layer scan each is a stacked [L, B, T, D] buffer written in the forward.
+  Here the backward recomputes the (cheap, elementwise) normalisation from x instead, so a layer
+  writes two of those buffers fewer per norm.
+  """
+  return _rms_norm_fwd(x_BTD, scale_D, eps)[0]
+
+
+def _rms_normalise(x_BTD, eps):
+  x32_BTD = x_BTD.astype(jnp.float32)
+  inv_BT1 = jax.lax.rsqrt(jnp.mean(x32_BTD * x32_BTD, axis=-1, keepdims=True) + eps)
+  return x32_BTD * inv_BT1, inv_BT1
+
+
+def _rms_norm_fwd(x_BTD, scale_D, eps):
+  normed_BTD = _rms_normalise(x_BTD, eps)[0].astype(x_BTD.dtype)
+  return normed_BTD * scale_D, (x_BTD, scale_D)
+
+
+def _rms_norm_bwd(eps, residuals, dy_BTD):
+  x_BTD, scale_D = residuals
+  normed_BTD, inv_BT1 = _rms_normalise(x_BTD, eps)
+  dy32_BTD = dy_BTD.astype(jnp.float32)
+  dscale_D = jnp.sum(dy32_BTD * normed_BTD, axis=tuple(range(dy_BTD.ndim - 1)))
+  g_BTD = dy32_BTD * scale_D.astype(jnp.float32)
+  # d/dx of x * inv(x): inv * (g - normed * mean(g * normed)).
+  dx_BTD = inv_BT1 * (g_BTD - normed_BTD * jnp.mean(g_BTD * normed_BTD, axis=-1, keepdims=True))
+  return dx_BTD.astype(x_BTD.dtype), dscale_D.astype(scale_D.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def rope_frequencies(c: ModelConfig):

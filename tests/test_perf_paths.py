@@ -1,4 +1,4 @@
-"""The fast paths give the reference numbers: block-causal CPU attention, the SwiGLU and the
+"""The fast paths give the reference numbers: block-causal CPU attention, the SwiGLU, RMSNorm and
 fused linear cross-entropy custom VJPs, the fused q/k/v projection; and `auto` picks the CPU
 attention on CPU."""
 
@@ -126,6 +126,42 @@ def test_swiglu_custom_vjp_in_bfloat16_is_as_accurate_as_autodiff():
   truth = _outputs_and_grads(_plain_swiglu, *(a.astype(jnp.float32) for a in args))
   plain = _outputs_and_grads(_plain_swiglu, *args)
   ours = _outputs_and_grads(model_lib.swiglu, *args)
+  for t, p, o in zip(truth, plain, ours):
+    assert o.dtype == p.dtype == jnp.bfloat16 and o.shape == p.shape
+    err = lambda a: float(jnp.max(jnp.abs(a.astype(jnp.float32) - t)))
+    assert err(o) <= 1.5 * err(p) + 1e-3
+
+
+def _plain_rms_norm(x, scale, eps=1e-5):
+  x32 = x.astype(jnp.float32)
+  variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+  return (x32 * jax.lax.rsqrt(variance + eps)).astype(x.dtype) * scale
+
+
+def _rms_norm_inputs(dtype):
+  x = 3 * _normal(20, (2, 5, 16), dtype)
+  scale = (1 + 0.1 * _normal(21, (16,))).astype(dtype)
+  return x, scale, _normal(22, (2, 5, 16), dtype)
+
+
+def _rms_outputs_and_grads(fn, x, scale, dy):
+  out, vjp = jax.vjp(fn, x, scale)
+  return (out, *vjp(dy))
+
+
+def test_rms_norm_custom_vjp_matches_autodiff():
+  args = _rms_norm_inputs(jnp.float32)
+  ours = functools.partial(model_lib.rms_norm, eps=1e-5)
+  for a, b in zip(_rms_outputs_and_grads(_plain_rms_norm, *args),
+                  _rms_outputs_and_grads(ours, *args)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_custom_vjp_in_bfloat16_is_as_accurate_as_autodiff():
+  args = _rms_norm_inputs(jnp.bfloat16)
+  truth = _rms_outputs_and_grads(_plain_rms_norm, *(a.astype(jnp.float32) for a in args))
+  plain = _rms_outputs_and_grads(_plain_rms_norm, *args)
+  ours = _rms_outputs_and_grads(functools.partial(model_lib.rms_norm, eps=1e-5), *args)
   for t, p, o in zip(truth, plain, ours):
     assert o.dtype == p.dtype == jnp.bfloat16 and o.shape == p.shape
     err = lambda a: float(jnp.max(jnp.abs(a.astype(jnp.float32) - t)))
