@@ -21,9 +21,23 @@ def _normal(seed, shape, dtype=jnp.float32):
   return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
 
 
-def _attention_and_grads(fn, q, k, v, do):
-  out, vjp = jax.vjp(fn, q, k, v)
-  return (out, *vjp(do))
+def _outputs_and_grads(fn, *inputs_and_cotangent):
+  """fn's output and its input gradients for the cotangent given as the last argument."""
+  *inputs, cotangent = inputs_and_cotangent
+  out, vjp = jax.vjp(fn, *inputs)
+  return (out, *vjp(cotangent))
+
+
+def _assert_bfloat16_as_accurate_as_autodiff(plain_fn, fast_fn, args):
+  """Against fp32 on the same (bf16-rounded) inputs, the fast path's outputs and gradients keep
+  bf16 dtypes and err no more than plain bf16 autodiff's."""
+  truth = _outputs_and_grads(plain_fn, *(a.astype(jnp.float32) for a in args))
+  plain = _outputs_and_grads(plain_fn, *args)
+  ours = _outputs_and_grads(fast_fn, *args)
+  for t, p, o in zip(truth, plain, ours):
+    assert o.dtype == p.dtype == jnp.bfloat16 and o.shape == p.shape
+    err = lambda a: float(jnp.max(jnp.abs(a.astype(jnp.float32) - t)))
+    assert err(o) <= 1.5 * err(p) + 1e-3
 
 
 @pytest.mark.parametrize("T,N,K,block", [
@@ -35,8 +49,8 @@ def test_cpu_attention_matches_the_reference_values_and_gradients(T, N, K, block
   B, H = 2, 16
   q, k, v = _normal(0, (B, T, N, H)), _normal(1, (B, T, K, H)), _normal(2, (B, T, K, H))
   do = _normal(3, (B, T, N, H))
-  ref = _attention_and_grads(functools.partial(attention.attention, impl="xla"), q, k, v, do)
-  cpu = _attention_and_grads(
+  ref = _outputs_and_grads(functools.partial(attention.attention, impl="xla"), q, k, v, do)
+  cpu = _outputs_and_grads(
       functools.partial(attention.blocked_causal_attention, block=block), q, k, v, do)
   for name, a, b in zip(("out", "dq", "dk", "dv"), ref, cpu):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=2e-5, err_msg=name)
@@ -107,11 +121,6 @@ def _plain_swiglu(x, wg, wu, wd):
   return jnp.einsum("btf,fd->btd", jax.nn.silu(x @ wg) * (x @ wu), wd)
 
 
-def _outputs_and_grads(fn, x, wg, wu, wd, dy):
-  out, vjp = jax.vjp(fn, x, wg, wu, wd)
-  return (out, *vjp(dy))
-
-
 def test_swiglu_custom_vjp_matches_autodiff():
   args = _swiglu_inputs(jnp.float32)
   for a, b in zip(_outputs_and_grads(_plain_swiglu, *args),
@@ -120,16 +129,9 @@ def test_swiglu_custom_vjp_matches_autodiff():
 
 
 def test_swiglu_custom_vjp_in_bfloat16_is_as_accurate_as_autodiff():
-  """Against fp32 on the same (bf16-rounded) inputs: ours keeps the elementwise backward in fp32,
-  so its error must not exceed plain bf16 autodiff's."""
-  args = _swiglu_inputs(jnp.bfloat16)
-  truth = _outputs_and_grads(_plain_swiglu, *(a.astype(jnp.float32) for a in args))
-  plain = _outputs_and_grads(_plain_swiglu, *args)
-  ours = _outputs_and_grads(model_lib.swiglu, *args)
-  for t, p, o in zip(truth, plain, ours):
-    assert o.dtype == p.dtype == jnp.bfloat16 and o.shape == p.shape
-    err = lambda a: float(jnp.max(jnp.abs(a.astype(jnp.float32) - t)))
-    assert err(o) <= 1.5 * err(p) + 1e-3
+  """Ours keeps the elementwise backward in fp32, so its error must not exceed bf16 autodiff's."""
+  _assert_bfloat16_as_accurate_as_autodiff(_plain_swiglu, model_lib.swiglu,
+                                           _swiglu_inputs(jnp.bfloat16))
 
 
 def _plain_rms_norm(x, scale, eps=1e-5):
@@ -144,28 +146,18 @@ def _rms_norm_inputs(dtype):
   return x, scale, _normal(22, (2, 5, 16), dtype)
 
 
-def _rms_outputs_and_grads(fn, x, scale, dy):
-  out, vjp = jax.vjp(fn, x, scale)
-  return (out, *vjp(dy))
-
-
 def test_rms_norm_custom_vjp_matches_autodiff():
   args = _rms_norm_inputs(jnp.float32)
   ours = functools.partial(model_lib.rms_norm, eps=1e-5)
-  for a, b in zip(_rms_outputs_and_grads(_plain_rms_norm, *args),
-                  _rms_outputs_and_grads(ours, *args)):
+  for a, b in zip(_outputs_and_grads(_plain_rms_norm, *args), _outputs_and_grads(ours, *args)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
 
 
 def test_rms_norm_custom_vjp_in_bfloat16_is_as_accurate_as_autodiff():
-  args = _rms_norm_inputs(jnp.bfloat16)
-  truth = _rms_outputs_and_grads(_plain_rms_norm, *(a.astype(jnp.float32) for a in args))
-  plain = _rms_outputs_and_grads(_plain_rms_norm, *args)
-  ours = _rms_outputs_and_grads(functools.partial(model_lib.rms_norm, eps=1e-5), *args)
-  for t, p, o in zip(truth, plain, ours):
-    assert o.dtype == p.dtype == jnp.bfloat16 and o.shape == p.shape
-    err = lambda a: float(jnp.max(jnp.abs(a.astype(jnp.float32) - t)))
-    assert err(o) <= 1.5 * err(p) + 1e-3
+  """The backward recomputes the normalisation in fp32, so its error must not exceed autodiff's."""
+  _assert_bfloat16_as_accurate_as_autodiff(
+      _plain_rms_norm, functools.partial(model_lib.rms_norm, eps=1e-5),
+      _rms_norm_inputs(jnp.bfloat16))
 
 
 def _reference_cross_entropy(h, w, t, m):
