@@ -11,7 +11,8 @@ machine's speed hits all of them) and the table shows medians and minima. FLOPs 
 attention share of `model.flops_per_token` (6 * heads * head_dim * T per token: the T x T
 products of forward and backward over the causal half), so "GFLOP/s" is the useful rate, not
 the rate of the work each variant does (the reference computes the full square).
-This is the measurement behind `attention.CPU_BLOCK` (docs/benchmarks.md, "What was tried").
+It backs the choice of `attention.CPU_BLOCK` together with the step-level A/B in
+docs/benchmarks.md ("What was tried"): alone, 128 and 256 measured within noise of each other.
 """
 
 import argparse
@@ -57,7 +58,8 @@ def jax_variants(args):
   keys = jax.random.split(jax.random.key(0), 4)
   q, do = (jax.random.normal(k, (B, T, N, H), jnp.float32) for k in (keys[0], keys[3]))
   k, v = (jax.random.normal(kk, (B, T, K, H), jnp.float32) for kk in keys[1:3])
-  mask = attention.causal_mask(*(jnp.broadcast_to(jnp.arange(T), (B, T)),) * 2)
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  mask = attention.causal_mask(positions, positions)
   impls = {"xla (masked T x T)": lambda q, k, v: attention.xla_attention(q, k, v, mask)}
   for block in args.blocks:
     impls[f"cpu, block {block}"] = functools.partial(attention.blocked_causal_attention,

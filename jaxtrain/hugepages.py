@@ -1,15 +1,17 @@
 """Transparent huge pages for XLA:CPU's large buffers, via glibc's `glibc.malloc.hugetlb=1`.
 
-XLA:CPU allocates each large temporary buffer of a step afresh with malloc, which glibc serves with
-a new mmap; the kernel then faults every 4 KiB page in on first touch. The 35M training step touches
-~1.65 GB this way, ~420,000 page faults per step. Alone on an idle machine that costs ~1.8 s of
-kernel time per step; with another large process alive (in our measurement an idle PyTorch worker)
-it was ~5 s and the step 19-38% slower (docs/benchmarks.md). With the tunable, glibc asks for
-transparent huge pages (`madvise(MADV_HUGEPAGE)`) on those mappings: 2 MiB pages, ~2,000 faults per
-step, and memory is still returned to the system when a buffer is freed (peak RSS unchanged). In a
-12-step `jaxtrain train` run: less kernel time (25 s vs 32-35 s), a slightly lower peak RSS and the
-same speed within noise. glibc's keep-the-heap tunables were not robust and mimalloc was either
-slower or used far more memory there (docs/benchmarks.md).
+XLA:CPU allocates a step's whole temporary space afresh, one malloc per execution (for the 35M
+training step a block of 1.43 GB; 1.72 GB before the RMSNorm VJP; see
+`compiled.memory_analysis().temp_size_in_bytes`). glibc serves it with a new mmap, and the kernel
+faults every 4 KiB page in on first touch: ~420,000 page faults per step at 1.72 GB. Alone on an
+idle machine that costs ~1.8 s of kernel time per step; with another large process alive (in our
+measurement an idle PyTorch worker) it was ~5 s and the step 19-38% slower (docs/benchmarks.md).
+With the tunable, glibc asks for transparent huge pages (`madvise(MADV_HUGEPAGE)`) on those
+mappings: 2 MiB pages, ~2,000 faults per step, and memory is still returned to the system when a
+buffer is freed (peak RSS unchanged). In a 12-step `jaxtrain train` run: less kernel time (25 s vs
+32-35 s), a slightly lower peak RSS and the same speed within noise. glibc's keep-the-heap
+tunables were not robust and mimalloc was either slower or used far more memory there
+(docs/benchmarks.md).
 
 glibc reads tunables only when a process starts, so the `jaxtrain` command re-executes its own
 command line once with the tunable added (`reexec_with_hugepages`); Python API users who want it
