@@ -6,7 +6,7 @@
     python benchmarks/train_step.py --sides=jax                # jaxtrain only (no PyTorch needed)
     python benchmarks/train_step.py --muon                     # Muon / AdamW step time, 1x and 4x batch
     python benchmarks/train_step.py --xla-flags='--xla_cpu_...' # try an XLA flag on the jaxtrain side
-    python benchmarks/train_step.py --hugepages=off            # jaxtrain worker with plain malloc
+    python benchmarks/train_step.py --malloc=glibc             # jaxtrain worker with plain malloc
 
 Both sides train the same model (sizes from `--config`, fp32, untied, no dropout) on the same random
 batch with AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1, global-norm clipping at 1.0). The peer
@@ -18,8 +18,10 @@ doing hits both sides alike: compare the ratio, not the absolute seconds. Steps 
 back to back, as in a training loop; the first step of each burst follows the idle pause and is
 not counted (on our VM, memory that a step freed and left idle for ~2 s costs much more kernel
 time to fault in again than memory reused at once: docs/benchmarks.md). The jaxtrain worker
-starts with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as the `jaxtrain` command does
-(jaxtrain/hugepages.py).
+starts with the environment the `jaxtrain` command gives itself (jaxtrain/host_malloc.py: glibc's
+huge-page tunable and the block cache that keeps XLA's per-step temporary block mapped);
+`--malloc=hugepages` gives it the tunable only, `--malloc=glibc` neither. The PyTorch worker runs
+with neither, as PyTorch users run it.
 The fp32 matmul peak of each framework (the best median over a few large square matmuls) is
 measured the same way, alternating; "of peak" is each side's model FLOP/s
 (jaxtrain.model.flops_per_token x tokens / step time) over its own peak.
@@ -131,7 +133,8 @@ def jax_worker(spec):
   _reply({"ready": True, "compile_seconds": compile_seconds, "first_loss": first_loss,
           "version": f"jax {jax.__version__}", "attention": cfg.model.attention,
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+          "block_cache": "_block_cache" in os.environ.get("LD_PRELOAD", "")})
   _serve(step_fn, matmul_fn)
 
 
@@ -195,11 +198,14 @@ def torch_worker(spec):
 class Worker:
 
   def __init__(self, name, side, spec):
-    from jaxtrain import hugepages  # pylint: disable=import-outside-toplevel
+    from jaxtrain import host_malloc  # pylint: disable=import-outside-toplevel
     self.name, self.side, self.spec = name, side, spec
     env = dict(os.environ)
-    if side == "jax" and spec.get("hugepages", True) and hugepages.wanted(env):
-      env = hugepages.env_with_hugepages(env)  # What the `jaxtrain` command runs with.
+    malloc = spec.get("malloc", "jaxtrain") if side == "jax" else "glibc"
+    if malloc != "glibc":  # What the `jaxtrain` command runs with (or its huge pages alone).
+      env = host_malloc.env_for_xla_cpu(
+          {**env, host_malloc.BLOCK_CACHE_OPT_OUT: "0" if malloc == "hugepages" else "1",
+           host_malloc.HUGEPAGES_OPT_OUT: "1"})
     self.proc = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), f"--worker={side}", "--spec", json.dumps(spec)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
@@ -280,9 +286,10 @@ def parse_args(argv):
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="jaxtrain config override, e.g. --set model.attention=xla (repeatable)")
   parser.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the jaxtrain worker")
-  parser.add_argument("--hugepages", choices=("on", "off"), default="on",
-                      help="jaxtrain worker with glibc.malloc.hugetlb=1, as the jaxtrain command "
-                           "runs (jaxtrain/hugepages.py); off: plain malloc")
+  parser.add_argument("--malloc", choices=("jaxtrain", "hugepages", "glibc"), default="jaxtrain",
+                      help="the jaxtrain worker's malloc: as the jaxtrain command runs (huge pages "
+                           "and the block cache, jaxtrain/host_malloc.py), huge pages only, or "
+                           "plain glibc")
   parser.add_argument("--peer-attention", default="sdpa", help="HF attn_implementation")
   parser.add_argument("--matmul-sizes", default="2048,4096",
                       help="square fp32 matmul sizes for the peak; the best median counts")
@@ -312,7 +319,7 @@ def base_spec(args):
   spec = {"config": args.config, "overrides": overrides, "seed": 0,
           "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
           "vocab_size": model["vocab_size"], "model": model, "xla_flags": args.xla_flags,
-          "peer_attention": args.peer_attention, "hugepages": args.hugepages == "on",
+          "peer_attention": args.peer_attention, "malloc": args.malloc,
           "optimizer": {"lr": o.lr, "b1": o.b1, "b2": o.b2, "eps": o.eps,
                         "weight_decay": o.weight_decay, "clip_norm": o.clip_norm}}
   return spec, cfg, model_cfg
@@ -400,7 +407,9 @@ def run_comparison(args):
           + (f"; XLA_FLAGS={rows[c]['info']['xla_flags']!r}" if rows[c]['info'].get('xla_flags')
              else "")
           + (f"; GLIBC_TUNABLES={rows[c]['info']['glibc_tunables']}"
-             if rows[c]['info'].get('glibc_tunables') else ""))
+             if rows[c]['info'].get('glibc_tunables') else "")
+          + ("; block cache (jaxtrain/host_malloc.py)" if rows[c]['info'].get('block_cache')
+             else ""))
   print(f"- load average at the end: {os.getloadavg()[0]:.2f}")
 
 
