@@ -202,6 +202,8 @@ class Worker:
     self.name, self.side, self.spec = name, side, spec
     env = dict(os.environ)
     malloc = spec.get("malloc", "jaxtrain") if side == "jax" else "glibc"
+    if side == "torch" and env.get("LD_PRELOAD") == host_malloc.block_cache_library():
+      del env["LD_PRELOAD"]  # Run under `env $(python -m jaxtrain.host_malloc)`: not for the peer.
     if malloc != "glibc":  # What the `jaxtrain` command runs with (or its huge pages alone).
       env = host_malloc.env_for_xla_cpu(
           {**env, host_malloc.BLOCK_CACHE_OPT_OUT: "0" if malloc == "hugepages" else "1",
