@@ -87,7 +87,8 @@ def test_only_the_jaxtrain_program_restarts_and_then_runs_normally():
 BLOCKS = textwrap.dedent("""
     import ctypes, resource, threading, time
     libc = ctypes.CDLL(None)
-    libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
+    size_t = ctypes.c_size_t
+    libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), size_t, size_t]
     libc.free.argtypes = [ctypes.c_void_p]
     libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     libc.realloc.restype = ctypes.c_void_p

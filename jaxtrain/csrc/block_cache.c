@@ -13,10 +13,10 @@
  * at the step's peak; the peak itself does not grow. At most one block of each size is kept (a
  * block freed while another of its size exists is unmapped), and a request of a size that no
  * idle block has (another executable) unmaps the idle blocks first, so blocks of a workload that
- * is no longer running are not kept. When the next step's request comes in before the previous step has freed
- * its block (seen: by 0.4-8 ms, the runtime frees after it signals completion), it waits for that
- * block up to WAIT_NS instead of mapping a second one; it only waits for blocks that have been
- * freed before (a step's temporary), never for a long-lived buffer of the same size.
+ * is no longer running are not kept. When the next step's request comes in before the previous
+ * step has freed its block (seen: by 0.1-8 ms; the runtime frees after it signals completion), it
+ * waits for that block up to WAIT_NS instead of mapping a second one; it only waits for blocks
+ * that have been freed before (a step's temporary), never for a long-lived buffer of that size.
  *
  * Pointers it does not own go to glibc (`__libc_free`, ...), so it must not be combined with
  * another preloaded allocator; jaxtrain/host_malloc.py adds it only to an empty LD_PRELOAD. Plain
