@@ -60,10 +60,6 @@ def _tunables(env):
   return [item for item in env.get("GLIBC_TUNABLES", "").split(":") if item]
 
 
-def _preloads(env):
-  return [item for item in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if item]
-
-
 def env_for_xla_cpu(env):
   """A copy of `env` with the huge-page tunable and the block-cache preload added, each unless
   opted out, already there (a user's own hugetlb value counts) or unsupported here."""
@@ -77,7 +73,7 @@ def env_for_xla_cpu(env):
   # Only into an empty LD_PRELOAD: the library hands every pointer it does not own to glibc's
   # free, which would be wrong for another preloaded allocator's (jemalloc, mimalloc, ...).
   library = block_cache_library()
-  if env.get(BLOCK_CACHE_OPT_OUT, "1") != "0" and library and not _preloads(env):
+  if env.get(BLOCK_CACHE_OPT_OUT, "1") != "0" and library and not env.get("LD_PRELOAD", "").strip():
     env["LD_PRELOAD"] = library
   return env
 

@@ -83,6 +83,15 @@ def test_only_the_jaxtrain_program_restarts_and_then_runs_normally():
   assert out.count("Exit codes") == 1
 
 
+@needs_library
+def test_the_module_prints_the_environment_for_python_api_users():
+  # docs/training.md: `env $(python -m jaxtrain.host_malloc) python my_script.py`.
+  env = {k: v for k, v in os.environ.items() if k not in OURS}
+  out = subprocess.run([sys.executable, "-m", "jaxtrain.host_malloc"], env=env,
+                       capture_output=True, text=True, timeout=60, check=True).stdout
+  assert out.split() == ["GLIBC_TUNABLES=glibc.malloc.hugetlb=1", f"LD_PRELOAD={LIBRARY}"]
+
+
 # Runs under LD_PRELOAD=<library>: posix_memalign and free from ctypes resolve to the library's.
 BLOCKS = textwrap.dedent("""
     import ctypes, resource, threading, time
@@ -90,7 +99,7 @@ BLOCKS = textwrap.dedent("""
     size_t = ctypes.c_size_t
     libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), size_t, size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.realloc.argtypes = [ctypes.c_void_p, size_t]
     libc.realloc.restype = ctypes.c_void_p
     libc.malloc_usable_size.argtypes = [ctypes.c_void_p]
     libc.malloc_usable_size.restype = ctypes.c_size_t
@@ -144,7 +153,7 @@ BLOCKS = textwrap.dedent("""
     libc.free(f)
     assert alloc(80 * MiB) == e
 
-    # Small requests are glibc's.
+    # Small requests pass through (to glibc) and free without error.
     g = alloc(1 * MiB)
     libc.free(g)
     print("ok")
