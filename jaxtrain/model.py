@@ -241,6 +241,38 @@ def apply_rope(x_BTNH, positions_BT, inv_freq_h):
   return rotate(x_BTNH, *rope_tables(positions_BT, inv_freq_h))
 
 
+@jax.custom_vjp
+def project_heads(x_BTD, w_DMH):
+  """x @ w into heads: [B, T, D] x [D, M, H] -> [B, T, M, H], with the backward XLA:CPU likes.
+
+  Autodiff asks for the weight gradient as [M, H, D], and XLA:CPU then transposes the large
+  output gradient [B*T, M*H] for it (and writes that gradient's concatenation of q, k and v
+  twice, once per consumer). Asked for as [D, M, H] it transposes the smaller x [B*T, D] instead,
+  and the gradient is written once. Same math; for GPUs the layout is free either way.
+  """
+  return jnp.einsum("btd,dmh->btmh", x_BTD, w_DMH)
+
+
+def _project_heads_fwd(x_BTD, w_DMH):
+  return project_heads(x_BTD, w_DMH), (x_BTD, w_DMH)
+
+
+def _project_heads_bwd(residuals, dy_BTMH):
+  x_BTD, w_DMH = residuals
+  B, T, M, H = dy_BTMH.shape
+  D = x_BTD.shape[-1]
+  # (m, h) merged into one contraction dim: left as two, XLA:CPU reordered them to (h, m) for
+  # the input gradient, a transposed copy of dy.
+  dy_BTK = dy_BTMH.reshape(B, T, M * H)
+  w_DK = w_DMH.reshape(D, M * H)
+  dx_BTD = jnp.einsum("btk,dk->btd", dy_BTK, w_DK)
+  dw_DK = jnp.einsum("btd,btk->dk", x_BTD, dy_BTK, preferred_element_type=jnp.float32)
+  return dx_BTD, dw_DK.reshape(D, M, H).astype(w_DMH.dtype)
+
+
+project_heads.defvjp(_project_heads_fwd, _project_heads_bwd)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, c: ModelConfig, *, layers, rngs):
@@ -252,6 +284,8 @@ class Attention(nnx.Module):
     self.wk = _param(rngs, (layers, D, K, H), std, pd, ("layers", "embed", "kv_heads", "head_dim"))
     self.wv = _param(rngs, (layers, D, K, H), std, pd, ("layers", "embed", "kv_heads", "head_dim"))
     self.wo = _param(rngs, (layers, N, H, D), out_std, pd, ("layers", "heads", "head_dim", "embed"))
+    # `project_heads` has a hand-written backward; under the `dots` remat policy plain autodiff.
+    self.fused_backward = c.remat != "dots"
 
   def __call__(self, x_BTD, positions_BT, rope, impl, kv_cache=None):
     dt = x_BTD.dtype
@@ -259,7 +293,10 @@ class Attention(nnx.Module):
     # One GEMM for q, k and v: fewer, larger matmuls (and one weight-gradient matmul).
     N, K = wq_DNH.shape[1], wk_DKH.shape[1]
     w_DMH = jnp.concatenate([wq_DNH, wk_DKH, wv_DKH], axis=1)
-    qkv_BTMH = jnp.einsum("btd,dmh->btmh", x_BTD, w_DMH)
+    if self.fused_backward:
+      qkv_BTMH = project_heads(x_BTD, w_DMH)
+    else:
+      qkv_BTMH = jnp.einsum("btd,dmh->btmh", x_BTD, w_DMH)
     q_BTNH, k_BTKH, v_BTKH = jnp.split(qkv_BTMH, [N, N + K], axis=2)
     q_BTNH = rotate(q_BTNH, *rope)
     k_BTKH = rotate(k_BTKH, *rope)
