@@ -36,7 +36,7 @@ import time
 PARTS = (
     ("attention", r"bkc|bks|bqk|btnh,bsnh|bsnh|attention|softmax"),
     ("mlp", r"dg->|,dg|btg|btf|fd->|,fd|->btf|->dg|swiglu"),
-    ("q/k/v/o", r"dmh|nhd|btnh|btmh"),
+    ("q/k/v/o", r"dmh|nhd|btnh|btmh|btk"),
     ("head + loss", r"bcv|bcd|,dv|dv->|cross_entropy|log_softmax"),
 )
 
