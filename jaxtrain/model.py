@@ -245,11 +245,11 @@ def apply_rope(x_BTNH, positions_BT, inv_freq_h):
 def project_heads(x_BTD, w_DMH):
   """x @ w into heads: [B, T, D] x [D, M, H] -> [B, T, M, H], with the backward XLA:CPU likes.
 
-  Autodiff asks for the weight gradient as [M, H, D], and XLA:CPU then transposes the large
-  output gradient [B*T, M*H] for it (and writes that gradient's concatenation of q, k and v
-  twice, once per consumer). Asked for as [D, M, H] it transposes the smaller x [B*T, D] instead,
-  and the gradient is written once: the 35M step on CPU is ~5% faster (docs/benchmarks.md). Same
-  math; for GPUs the layout is free either way.
+  Under autodiff XLA:CPU computes the weight gradient as [M*H, D], from a transposed copy of the
+  large output gradient [B*T, M*H], and writes that gradient (the concatenation of the q, k and v
+  gradients) twice, once per consumer. Asked for as [D, M*H] it transposes the smaller x
+  [B*T, D] instead and writes the gradient once: the 35M step on CPU is ~5% faster
+  (docs/benchmarks.md). Same math; for GPUs the layout is free either way.
   """
   return jnp.einsum("btd,dmh->btmh", x_BTD, w_DMH)
 
