@@ -99,6 +99,7 @@ def jax_worker(spec):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jaxtrain import config as config_lib, sharding, trainer  # pylint: disable=import-outside-toplevel
+  from jaxtrain import host_malloc  # pylint: disable=import-outside-toplevel
 
   cfg = config_lib.load_config(spec["config"], spec["overrides"])
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
@@ -134,7 +135,7 @@ def jax_worker(spec):
           "version": f"jax {jax.__version__}", "attention": cfg.model.attention,
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-          "block_cache": "_block_cache" in os.environ.get("LD_PRELOAD", "")})
+          "block_cache": os.environ.get("LD_PRELOAD") == host_malloc.block_cache_library()})
   _serve(step_fn, matmul_fn)
 
 
@@ -200,10 +201,10 @@ class Worker:
   def __init__(self, name, side, spec):
     from jaxtrain import host_malloc  # pylint: disable=import-outside-toplevel
     self.name, self.side, self.spec = name, side, spec
-    env = dict(os.environ)
+    # Each worker gets exactly its --malloc, also when this parent runs with the `jaxtrain`
+    # command's environment (`env $(python -m jaxtrain.host_malloc) python train_step.py`).
+    env = host_malloc.env_without_additions(os.environ)
     malloc = spec.get("malloc", "jaxtrain") if side == "jax" else "glibc"
-    if side == "torch" and env.get("LD_PRELOAD") == host_malloc.block_cache_library():
-      del env["LD_PRELOAD"]  # Run under `env $(python -m jaxtrain.host_malloc)`: not for the peer.
     if malloc != "glibc":  # What the `jaxtrain` command runs with (or its huge pages alone).
       env = host_malloc.env_for_xla_cpu(
           {**env, host_malloc.BLOCK_CACHE_OPT_OUT: "0" if malloc == "hugepages" else "1",

@@ -78,6 +78,20 @@ def env_for_xla_cpu(env):
   return env
 
 
+def env_without_additions(env):
+  """A copy of `env` without what `env_for_xla_cpu` adds (this tunable, this library), for a
+  child process that must run with plain glibc whatever its parent was started with."""
+  env = dict(env)
+  tunables = [item for item in _tunables(env) if item != TUNABLE]
+  if tunables:
+    env["GLIBC_TUNABLES"] = ":".join(tunables)
+  else:
+    env.pop("GLIBC_TUNABLES", None)
+  if env.get("LD_PRELOAD") == block_cache_library():
+    del env["LD_PRELOAD"]
+  return env
+
+
 def wanted(env=None):
   """True when a process started with `env` lacks something `env_for_xla_cpu` would add."""
   env = os.environ if env is None else env

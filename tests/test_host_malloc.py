@@ -41,6 +41,16 @@ def test_env_gets_each_addition_once_and_keeps_what_was_there():
 
 
 @needs_glibc
+def test_env_without_additions_undoes_them_and_keeps_the_rest():
+  start = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"}
+  assert host_malloc.env_without_additions(host_malloc.env_for_xla_cpu(start)) == start
+  assert host_malloc.env_without_additions(host_malloc.env_for_xla_cpu({})) == {}
+  # Not ours: a user's hugetlb value and another preloaded library stay.
+  theirs = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "LD_PRELOAD": "/opt/libjemalloc.so"}
+  assert host_malloc.env_without_additions(theirs) == theirs
+
+
+@needs_glibc
 def test_a_users_own_hugetlb_setting_and_the_opt_outs_are_respected():
   mine = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "JAXTRAIN_BLOCK_CACHE": "0"}
   assert host_malloc.env_for_xla_cpu(mine) == mine
