@@ -14,12 +14,13 @@ is what a PyTorch user writes: `LlamaForCausalLM(config)` (SDPA attention), `F.c
 logits, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW`. Each side runs in its own worker
 process, so the peak RSS reported is that side's alone, and the parent alternates timed bursts of
 `--burst` steps between the workers (5 bursts each by default), so whatever else the machine is
-doing hits both sides alike: compare the ratio, not the absolute seconds. Steps within a burst run
-back to back, as in a training loop; the first step of each burst follows the idle pause and is
-not counted (on our VM, memory that a step freed and left idle for ~2 s costs much more kernel
-time to fault in again than memory reused at once: docs/benchmarks.md). The jaxtrain worker
-starts with the environment the `jaxtrain` command gives itself (jaxtrain/host_malloc.py: glibc's
-huge-page tunable and the block cache that keeps XLA's per-step temporary block mapped);
+doing hits both sides alike: compare the ratio, not the absolute seconds (the table also gives
+the ratio within each round, whose spread shows how much the machine moved it). Steps within a
+burst run back to back, as in a training loop; the first step of each burst follows the idle
+pause and is not counted (on our VM, memory that a step freed and left idle for ~2 s costs much
+more kernel time to fault in again than memory reused at once: docs/benchmarks.md). The jaxtrain
+worker starts with the environment the `jaxtrain` command gives itself (jaxtrain/host_malloc.py:
+glibc's huge-page tunable and the block cache that keeps XLA's per-step temporary block mapped);
 `--malloc=hugepages` gives it the tunable only, `--malloc=glibc` neither. The PyTorch worker runs
 with neither, as PyTorch users run it.
 The fp32 matmul peak of each framework (the best median over a few large square matmuls) is
@@ -214,7 +215,7 @@ class Worker:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     self.info = self._read()
-    self.steps, self.matmuls = [], {}
+    self.steps, self.bursts, self.matmuls = [], [], {}
 
   def _read(self):
     for line in self.proc.stdout:
@@ -246,6 +247,15 @@ def alternate(workers, repeats, command, record, pause=0.0):
       w = workers[(i + r) % len(workers)]
       time.sleep(pause)
       record(w, w.ask(command))
+
+
+def round_ratios(bursts_a, bursts_b):
+  """Side a's median step over side b's, round by round (the bursts of one alternating round).
+
+  The two bursts of a round run back to back, so a slow minute of a shared machine hits both;
+  the spread of these ratios shows how far the overall ratio of medians could move.
+  """
+  return [median(a) / median(b) for a, b in zip(bursts_a, bursts_b)]
 
 
 def model_spec(cfg):
@@ -361,7 +371,8 @@ def run_comparison(args):
       workers.append(Worker(names[side], side, spec))
       print(f"{names[side]} ready: {workers[-1].info}", file=sys.stderr)
     alternate(workers, args.repeats, f"step {args.burst}",
-              lambda w, r: w.steps.extend(r["counted"]), args.pause)
+              lambda w, r: (w.steps.extend(r["counted"]), w.bursts.append(r["counted"])),
+              args.pause)
     sizes = [int(n) for n in args.matmul_sizes.split(",") if n]
     for n in sizes:
       alternate(workers, args.matmul_repeats, f"matmul {n}",
@@ -397,6 +408,10 @@ def run_comparison(args):
 
   row("step time, median (s)", "step", lambda v: f"{v:.2f}")
   row("step time, min - max (s)", "spread", lambda v: f"{v[0]:.2f} - {v[1]:.2f}", False)
+  if ratio:
+    per_round = round_ratios(workers[0].bursts, workers[1].bursts)
+    print(f"| step time ratio of each round, median (min - max) | | | "
+          f"{median(per_round):.2f} ({min(per_round):.2f} - {max(per_round):.2f}) |")
   row("tokens/s", "tokens_per_sec", lambda v: f"{v:,.0f}")
   row("model TFLOP/s", "tflops", lambda v: f"{v:.3f}")
   row("fp32 matmul peak, measured (TFLOP/s)", "peak", lambda v: f"{v:.3f}")
