@@ -136,7 +136,7 @@ def jax_worker(spec):
           "version": f"jax {jax.__version__}", "attention": cfg.model.attention,
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-          "block_cache": os.environ.get("LD_PRELOAD") == host_malloc.block_cache_library()})
+          "block_cache": host_malloc.preloads_block_cache(os.environ)})
   _serve(step_fn, matmul_fn)
 
 

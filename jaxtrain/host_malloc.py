@@ -56,6 +56,12 @@ def block_cache_library():
   return None
 
 
+def preloads_block_cache(env):
+  """True when `env`'s LD_PRELOAD is the built block-cache library (never where it is not built)."""
+  library = block_cache_library()
+  return library is not None and env.get("LD_PRELOAD") == library
+
+
 def _tunables(env):
   return [item for item in env.get("GLIBC_TUNABLES", "").split(":") if item]
 
@@ -87,7 +93,7 @@ def env_without_additions(env):
     env["GLIBC_TUNABLES"] = ":".join(tunables)
   else:
     env.pop("GLIBC_TUNABLES", None)
-  if env.get("LD_PRELOAD") == block_cache_library():
+  if preloads_block_cache(env):
     del env["LD_PRELOAD"]
   return env
 

@@ -50,6 +50,15 @@ def test_env_without_additions_undoes_them_and_keeps_the_rest():
   assert host_malloc.env_without_additions(theirs) == theirs
 
 
+def test_without_a_built_block_cache_nothing_is_taken_for_it(monkeypatch):
+  """Where no C compiler built the library, no LD_PRELOAD (or its absence) counts as ours."""
+  monkeypatch.setattr(host_malloc, "block_cache_library", lambda: None)
+  assert not host_malloc.preloads_block_cache({})
+  assert host_malloc.env_without_additions({"X": "1"}) == {"X": "1"}
+  theirs = {"LD_PRELOAD": "/opt/libjemalloc.so"}
+  assert host_malloc.env_without_additions(theirs) == theirs
+
+
 @needs_glibc
 def test_a_users_own_hugetlb_setting_and_the_opt_outs_are_respected():
   mine = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "JAXTRAIN_BLOCK_CACHE": "0"}
