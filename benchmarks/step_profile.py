@@ -34,9 +34,9 @@ import time
 
 # Einsum subscripts and op names (from jaxtrain/model.py, attention.py, trainer.py) -> model part.
 PARTS = (
-    ("attention", r"bkc|bks|bqk|btnh,bsnh|bsnh|attention|softmax"),
+    ("attention", r"bkc|bks|bqk|bkgts|btnh,bsnh|bsnh|attention|softmax"),
     ("mlp", r"dg->|,dg|btg|btf|fd->|,fd|->btf|->dg|swiglu"),
-    ("q/k/v/o", r"dmh|nhd|btnh|btmh|btk"),
+    ("q/k/v/o", r"dmh|nhd|btnh|btmh|btk,dk|btd,btk"),
     ("head + loss", r"bcv|bcd|,dv|dv->|cross_entropy|log_softmax"),
 )
 
