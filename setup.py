@@ -1,11 +1,34 @@
-"""The one compiled part: jaxtrain/csrc/block_cache.c (everything else is in pyproject.toml).
+"""The compiled parts (everything else is in pyproject.toml). Both are optional: without a
+compiler (or without jaxlib's FFI headers at build time) the install goes on without them, and
+jaxtrain falls back to what XLA does by itself.
 
-Not a Python module: a plain C library that the `jaxtrain` command preloads (LD_PRELOAD) to keep
-XLA:CPU's per-step temporary block mapped (jaxtrain/host_malloc.py). Optional: without a C
-compiler the install goes on without it, and nothing else changes.
+- jaxtrain/csrc/block_cache.c: not a Python module but a plain C library that the `jaxtrain`
+  command preloads (LD_PRELOAD) to keep XLA:CPU's per-step temporary block mapped
+  (jaxtrain/host_malloc.py).
+- jaxtrain/csrc/cpu_gemm.cc: an XLA FFI handler that runs fp32 matrix products through OpenBLAS
+  on CPU (jaxtrain/cpu_gemm.py). It includes jaxlib's FFI headers, hence jaxlib in the build
+  requirements.
 """
+
+import os
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("jaxtrain._block_cache", ["jaxtrain/csrc/block_cache.c"],
-                             extra_compile_args=["-O2", "-Wall"], optional=True)])
+
+def _ffi_include_dirs():
+  try:
+    import jaxlib  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return []
+  include = os.path.join(os.path.dirname(jaxlib.__file__), "include")
+  return [include] if os.path.isfile(os.path.join(include, "xla", "ffi", "api", "ffi.h")) else []
+
+
+extensions = [Extension("jaxtrain._block_cache", ["jaxtrain/csrc/block_cache.c"],
+                        extra_compile_args=["-O2", "-Wall"], optional=True)]
+if _ffi_include_dirs():
+  extensions.append(Extension("jaxtrain._cpu_gemm", ["jaxtrain/csrc/cpu_gemm.cc"],
+                              include_dirs=_ffi_include_dirs(), language="c++",
+                              extra_compile_args=["-O2", "-std=c++17", "-Wno-attributes"],
+                              optional=True))
+setup(ext_modules=extensions)

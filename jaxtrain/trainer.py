@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxtrain import checkpoint as checkpoint_lib
 from jaxtrain import config as config_lib
+from jaxtrain import cpu_gemm
 from jaxtrain import hardware, metrics as metrics_lib, model as model_lib, optim, sharding
 from jaxtrain.errors import UserError
 
@@ -72,24 +73,24 @@ def _chunked(fn, chunk, *arrays_BT):
   return total, jax.tree.map(join, outs)
 
 
-def _chunk_logits(h_BCD, w_DV, t_BC):
+def _chunk_logits(h_BCD, w_DV, t_BC, einsum):
   """fp32 logits of one chunk, their log-sum-exp and the logits of the targets."""
-  logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
+  logits_BCV = einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
   lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
   target_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
   return logits_BCV, lse_BC, target_BC
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _linear_cross_entropy(h_BTD, w_DV, targets_BT, mask_BT, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _linear_cross_entropy(h_BTD, w_DV, targets_BT, mask_BT, chunk, einsum):
   def one(h_BCD, t_BC, m_BC):
-    _, lse_BC, target_BC = _chunk_logits(h_BCD, w_DV, t_BC)
+    _, lse_BC, target_BC = _chunk_logits(h_BCD, w_DV, t_BC, einsum)
     return jnp.sum((lse_BC - target_BC) * m_BC), None
 
   return _chunked(one, chunk, h_BTD, targets_BT, mask_BT)[0]
 
 
-def _linear_cross_entropy_fwd(h_BTD, w_DV, targets_BT, mask_BT, chunk):
+def _linear_cross_entropy_fwd(h_BTD, w_DV, targets_BT, mask_BT, chunk, einsum):
   """Loss and its gradients in one pass: d loss / d logits = softmax - one_hot(target) is known
   as soon as a chunk's logits are, so each chunk's logits are used once and dropped. Compared
   with recomputing them in the backward pass (jax.checkpoint) this saves one of the four
@@ -97,22 +98,22 @@ def _linear_cross_entropy_fwd(h_BTD, w_DV, targets_BT, mask_BT, chunk):
   V = w_DV.shape[1]
 
   def one(h_BCD, t_BC, m_BC):
-    logits_BCV, lse_BC, target_BC = _chunk_logits(h_BCD, w_DV, t_BC)
+    logits_BCV, lse_BC, target_BC = _chunk_logits(h_BCD, w_DV, t_BC, einsum)
     loss_BC = lse_BC - target_BC
     onehot_BCV = t_BC[..., None] == jnp.arange(V, dtype=t_BC.dtype)
     dlogits_BCV = ((jnp.exp(logits_BCV - lse_BC[..., None]) - onehot_BCV)
                    * m_BC[..., None]).astype(h_BCD.dtype)
-    dh_BCD = jnp.einsum("bcv,dv->bcd", dlogits_BCV, w_DV,
-                        preferred_element_type=jnp.float32).astype(h_BCD.dtype)
-    dw_DV = jnp.einsum("bcd,bcv->dv", h_BCD, dlogits_BCV, preferred_element_type=jnp.float32)
+    dh_BCD = einsum("bcv,dv->bcd", dlogits_BCV, w_DV,
+                    preferred_element_type=jnp.float32).astype(h_BCD.dtype)
+    dw_DV = einsum("bcd,bcv->dv", h_BCD, dlogits_BCV, preferred_element_type=jnp.float32)
     return (jnp.sum(loss_BC * m_BC), dw_DV), (loss_BC, dh_BCD)
 
   (loss, dw_DV), (loss_BT, dh_BTD) = _chunked(one, chunk, h_BTD, targets_BT, mask_BT)
   return loss, (dh_BTD, dw_DV.astype(w_DV.dtype), loss_BT)
 
 
-def _linear_cross_entropy_bwd(chunk, residuals, g):
-  del chunk
+def _linear_cross_entropy_bwd(chunk, einsum, residuals, g):
+  del chunk, einsum
   dh_BTD, dw_DV, loss_BT = residuals
   return ((g * dh_BTD).astype(dh_BTD.dtype), (g * dw_DV).astype(dw_DV.dtype), None,
           g * loss_BT)
@@ -121,27 +122,29 @@ def _linear_cross_entropy_bwd(chunk, residuals, g):
 _linear_cross_entropy.defvjp(_linear_cross_entropy_fwd, _linear_cross_entropy_bwd)
 
 
-def cross_entropy_sum(h_BTD, w_DV, targets_BT, mask_BT=None, chunk=0):
+def cross_entropy_sum(h_BTD, w_DV, targets_BT, mask_BT=None, chunk=0, matmul="xla"):
   """Sum over positions of -log p(target), never holding more than one chunk of logits.
 
   The head matmul and the loss are one custom-VJP function (`_linear_cross_entropy_fwd`): under
   differentiation each chunk's gradients are computed right after its logits, so the [B, T, V]
   fp32 logits are never materialised for long sequences or large vocabularies, and never
-  recomputed either.
+  recomputed either. `matmul`: `model.matmul` (XLA's dots, or OpenBLAS through jaxtrain/cpu_gemm.py).
   """
   B, T, D = h_BTD.shape
   V = w_DV.shape[1]
   w_DV = w_DV.astype(h_BTD.dtype)
   mask_BT = (jnp.ones((B, T), jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32))
   chunk = chunk or _auto_chunk(B, T, V)
-  return _linear_cross_entropy(h_BTD, w_DV, targets_BT, mask_BT, chunk)
+  einsum = cpu_gemm.einsum_for(matmul, h_BTD.dtype)
+  return _linear_cross_entropy(h_BTD, w_DV, targets_BT, mask_BT, chunk, einsum)
 
 
 def loss_sum_and_count(params, graphdef, batch, loss_chunk=0):
   model = nnx.merge(graphdef, params)
   h_BTD = model.hidden_states(batch["inputs"])
   mask_BT = batch.get("mask")
-  loss_sum = cross_entropy_sum(h_BTD, model.head_kernel(), batch["targets"], mask_BT, loss_chunk)
+  loss_sum = cross_entropy_sum(h_BTD, model.head_kernel(), batch["targets"], mask_BT, loss_chunk,
+                              model_lib.matmul_choice(model.config))
   count = (jnp.sum(mask_BT.astype(jnp.float32)) if mask_BT is not None
            else jnp.float32(batch["targets"].size))
   return loss_sum, count

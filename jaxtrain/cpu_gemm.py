@@ -1,0 +1,211 @@
+"""fp32 matrix products on CPU through OpenBLAS, as XLA custom calls (`model.matmul`).
+
+XLA:CPU runs dots through YNNPACK (jaxlib 0.10). On the 2-core machines of docs/benchmarks.md
+OpenBLAS's sgemm runs the 35M model's projection shapes 5-20% faster, and the 35M training step is
+~10% faster with the projections and the MLP here (docs/benchmarks.md). `einsum` below is a drop-in
+for the model's two-operand `jnp.einsum`s: it reshapes to matrices (no copies: row-major merges
+only) and calls the FFI handler of jaxtrain/csrc/cpu_gemm.cc, which splits each product over XLA's
+own intra-op threads and runs single-threaded OpenBLAS on each piece. It is differentiable (the
+gradients are matrix products again).
+
+`model.matmul` chooses: `xla` (XLA's dots everywhere), `blas` (this module; an error where it
+cannot run) or `auto` (the default: `blas` where it can run, else `xla`). It can run where
+
+- the library was built (`pip install` compiles jaxtrain/csrc/cpu_gemm.cc when a C++ compiler is
+  there) and OpenBLAS loads (the `scipy-openblas32` dependency),
+- the backend is CPU, the compute dtype float32,
+- the computation is not partitioned over several devices (a mesh of one device or none): a
+  custom call has no sharding rule, so GSPMD would gather its operands onto every device.
+
+GPUs never take this path: their dots stay XLA's (cuBLAS), unchanged.
+"""
+
+import ctypes
+import functools
+import importlib.machinery
+import os
+import string
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtrain.errors import UserError
+
+IMPLEMENTATIONS = ("auto", "xla", "blas")
+TARGET = "jaxtrain_cpu_gemm"
+
+
+def _library_path():
+  here = os.path.dirname(os.path.abspath(__file__))
+  for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+    path = os.path.join(here, "_cpu_gemm" + suffix)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+  """Loads OpenBLAS and our handler and registers it once: None when ready, else the reason."""
+  path = _library_path()
+  if path is None:
+    return ("jaxtrain/_cpu_gemm was not built (no C++ compiler or no jaxlib FFI headers when "
+            "jaxtrain was installed)")
+  try:
+    import scipy_openblas32  # pylint: disable=import-outside-toplevel
+    openblas = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(),
+                                        scipy_openblas32.get_library(fullname=True)),
+                           mode=ctypes.RTLD_GLOBAL)
+    sgemm = openblas.scipy_cblas_sgemm
+    set_threads = openblas.scipy_openblas_set_num_threads
+  except (ImportError, OSError, AttributeError, IndexError) as e:
+    return f"OpenBLAS from the scipy-openblas32 package did not load: {e}"
+  # The handler splits every product over XLA's threads itself; OpenBLAS threads would compete.
+  set_threads(1)
+  library = ctypes.CDLL(path)
+  library.jaxtrain_cpu_gemm_set_sgemm(ctypes.cast(sgemm, ctypes.c_void_p))
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxtrainCpuGemm), platform="cpu")
+  return None
+
+
+def unavailable_reason():
+  """Why this module cannot run here (None when it can): library or OpenBLAS missing."""
+  return _load()
+
+
+def resolve(choice, dtype):
+  """The implementation that runs (`xla` or `blas`) for `model.matmul=choice`, at trace time.
+
+  An explicit `blas` that cannot run is a one-line UserError naming the key; `auto` falls back.
+  """
+  if choice not in IMPLEMENTATIONS:
+    raise UserError(f"model.matmul={choice!r} is not one of {IMPLEMENTATIONS}")
+  if choice == "xla":
+    return "xla"
+  mesh = jax.sharding.get_abstract_mesh()
+  reasons = [
+      jax.default_backend() != "cpu" and f"the backend is {jax.default_backend()}, not cpu",
+      jnp.dtype(dtype) != jnp.float32 and f"the compute dtype is {jnp.dtype(dtype).name}, not float32",
+      mesh.size > 1 and f"the computation is partitioned over {mesh.size} devices",
+      unavailable_reason(),
+  ]
+  reason = next((r for r in reasons if r), None)
+  if reason is None:
+    return "blas"
+  if choice == "blas":
+    raise UserError(f"model.matmul=blas cannot run: {reason} (use model.matmul=auto or xla)")
+  return "xla"
+
+
+def _call(a, b, trans_a, trans_b):
+  """The custom call on rank-3 operands: out[i] = op(a[i]) @ op(b[i])."""
+  m = a.shape[2] if trans_a else a.shape[1]
+  n = b.shape[1] if trans_b else b.shape[2]
+  out = jax.ShapeDtypeStruct((a.shape[0], m, n), jnp.float32)
+  return jax.ffi.ffi_call(TARGET, out)(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul(a, b, trans_a=False, trans_b=False):
+  """op(a) @ op(b) for float32 matrices ([M, K] x [K, N]) or batches of them ([B, M, K] ...).
+
+  `op` transposes the last two axes where `trans_a` / `trans_b` say, for free (BLAS reads the
+  operand transposed). Needs `unavailable_reason()` to be None.
+  """
+  if a.ndim != b.ndim or a.ndim not in (2, 3):
+    raise ValueError(f"matmul takes two matrices or two batches of them, got {a.shape} x {b.shape}")
+  if a.dtype != jnp.float32 or b.dtype != jnp.float32:
+    raise ValueError(f"matmul is float32 only, got {a.dtype} x {b.dtype}")
+  reason = unavailable_reason()
+  if reason is not None:
+    raise RuntimeError(f"jaxtrain.cpu_gemm cannot run: {reason}")
+  if a.ndim == 2:
+    return _call(a[None], b[None], trans_a, trans_b)[0]
+  return _call(a, b, trans_a, trans_b)
+
+
+def _matmul_fwd(a, b, trans_a, trans_b):
+  return matmul(a, b, trans_a, trans_b), (a, b)
+
+
+def _matmul_bwd(trans_a, trans_b, residuals, dout):
+  # out = op(a) op(b): d op(a) = dout op(b)^T and d op(b) = op(a)^T dout, each written as one
+  # product with transpose flags, never a transposed copy.
+  a, b = residuals
+  if trans_a:
+    da = matmul(b, dout, trans_b, True)
+  else:
+    da = matmul(dout, b, False, not trans_b)
+  if trans_b:
+    db = matmul(dout, a, True, trans_a)
+  else:
+    db = matmul(a, dout, not trans_a, False)
+  return da, db
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(spec, a_shape, b_shape):
+  """How `einsum(spec)` maps onto `matmul`: (trans_a, trans_b, a_2d, b_2d, out_shape), or an error.
+
+  Supported: every axis is either contracted (in both operands, not in the output) or free (in one
+  operand and the output), and each operand holds its free and contracted axes as two contiguous
+  groups in the order the output and the other operand use; then both become matrices by merging
+  adjacent axes (a reshape, no copy). This covers the model's projections and their gradients.
+  """
+  inputs, out = spec.replace(" ", "").split("->")
+  a_axes, b_axes = inputs.split(",")
+  if (len(a_axes) != len(a_shape) or len(b_axes) != len(b_shape)
+      or any(c not in string.ascii_letters for c in a_axes + b_axes + out)):
+    raise ValueError(f"einsum {spec!r} does not match operands {a_shape} x {b_shape}")
+  sizes = dict(zip(a_axes, a_shape))
+  for axis, size in zip(b_axes, b_shape):
+    if sizes.setdefault(axis, size) != size:
+      raise ValueError(f"einsum {spec!r}: axis {axis} is {sizes[axis]} and {size}")
+  contracted = "".join(c for c in a_axes if c in b_axes and c not in out)
+  m_axes = "".join(c for c in out if c in a_axes and c not in b_axes)
+  n_axes = "".join(c for c in out if c in b_axes and c not in a_axes)
+  if out != m_axes + n_axes:
+    raise ValueError(f"einsum {spec!r}: output must be a's free axes then b's (no batch axes)")
+  if sorted(a_axes) != sorted(m_axes + contracted) or sorted(b_axes) != sorted(n_axes + contracted):
+    raise ValueError(f"einsum {spec!r}: every axis must be contracted or in the output")
+  a_contracted = "".join(c for c in a_axes if c in contracted)
+  if a_axes == m_axes + a_contracted:
+    trans_a = False
+  elif a_axes == a_contracted + m_axes:
+    trans_a = True
+  else:
+    raise ValueError(f"einsum {spec!r}: a's free and contracted axes are interleaved")
+  if b_axes == a_contracted + n_axes:
+    trans_b = False
+  elif b_axes == n_axes + a_contracted:
+    trans_b = True
+  else:
+    raise ValueError(f"einsum {spec!r}: b's contracted axes are not in a's order, or interleaved")
+  size = lambda axes: int(np.prod([sizes[c] for c in axes], dtype=np.int64))
+  m, n, k = size(m_axes), size(n_axes), size(a_contracted)
+  a_2d = (k, m) if trans_a else (m, k)
+  b_2d = (n, k) if trans_b else (k, n)
+  return trans_a, trans_b, a_2d, b_2d, tuple(sizes[c] for c in out)
+
+
+def einsum(spec, a, b, *, preferred_element_type=None):
+  """`jnp.einsum(spec, a, b)` for float32 operands as one OpenBLAS product (see `_plan`)."""
+  if preferred_element_type not in (None, jnp.float32):
+    raise ValueError(f"einsum here computes float32 only, not {preferred_element_type}")
+  inputs, out = spec.replace(" ", "").split("->")
+  a_axes, b_axes = inputs.split(",")
+  if out and out[0] in b_axes and out[0] not in a_axes:
+    # The output starts with b's free axes: the same product with the operands swapped.
+    a, b, spec = b, a, f"{b_axes},{a_axes}->{out}"
+  trans_a, trans_b, a_2d, b_2d, out_shape = _plan(spec, a.shape, b.shape)
+  with jax.named_scope(spec):  # Profiles name the custom call by its einsum, as XLA's dots.
+    return matmul(a.reshape(a_2d), b.reshape(b_2d), trans_a, trans_b).reshape(out_shape)
+
+
+def einsum_for(choice, dtype):
+  """The einsum to use for `model.matmul=choice` at this trace: this module's, or jnp.einsum."""
+  return einsum if resolve(choice, dtype) == "blas" else jnp.einsum
