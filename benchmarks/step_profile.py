@@ -65,8 +65,9 @@ def part_of(op_name, metadata):
 
 
 def is_matmul(op_name):
-  # XLA:CPU runs dots as `dot.N` or inside library fusions (YNNPACK/XNNPACK/oneDNN).
-  return op_name.startswith(("dot", "ynn_fusion", "xnn_fusion", "onednn"))
+  # XLA:CPU runs dots as `dot.N` or inside library fusions (YNNPACK/XNNPACK/oneDNN); jaxtrain's
+  # OpenBLAS products (jaxtrain/cpu_gemm.py, the step's only custom calls) are `ffi_call.N`.
+  return op_name.startswith(("dot", "ynn_fusion", "xnn_fusion", "onednn", "ffi_call"))
 
 
 def trace_step(args):

@@ -25,7 +25,10 @@ glibc's huge-page tunable and the block cache that keeps XLA's per-step temporar
 with neither, as PyTorch users run it.
 The fp32 matmul peak of each framework (the best median over a few large square matmuls) is
 measured the same way, alternating; "of peak" is each side's model FLOP/s
-(jaxtrain.model.flops_per_token x tokens / step time) over its own peak.
+(jaxtrain.model.flops_per_token x tokens / step time) over its own peak. jaxtrain's peak is the
+faster of XLA's dot and, where the step's matmuls run through OpenBLAS (`model.matmul`, on by
+default on one CPU device: jaxtrain/cpu_gemm.py), that product; `--set model.matmul=xla` runs the
+step on XLA's dots alone.
 
 torch and transformers are imported only by the peer worker (`pip install -e .[hf]`).
 """
@@ -65,7 +68,8 @@ def _tokens(spec):
 
 
 def _serve(step_fn, matmul_fn):
-  """The worker loop: `step` times one training step, `matmul N` one N x N fp32 matmul."""
+  """The worker loop: `step` times one training step, `matmul N` one N x N fp32 matmul of each
+  kind the side runs (`matmul_fn(n)` returns {kind: seconds})."""
   warm = set()
   for line in sys.stdin:
     command = line.split()
@@ -84,9 +88,7 @@ def _serve(step_fn, matmul_fn):
       if n not in warm:
         matmul_fn(n)
         warm.add(n)
-      start = time.perf_counter()
-      matmul_fn(n)
-      _reply({"seconds": time.perf_counter() - start})
+      _reply({"seconds": matmul_fn(n)})
     elif command[0] == "rss":
       _reply({"peak_rss_mib": _peak_rss_mib()})
     elif command[0] == "quit":
@@ -100,7 +102,7 @@ def jax_worker(spec):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jaxtrain import config as config_lib, sharding, trainer  # pylint: disable=import-outside-toplevel
-  from jaxtrain import host_malloc  # pylint: disable=import-outside-toplevel
+  from jaxtrain import cpu_gemm, host_malloc, model as model_lib  # pylint: disable=import-outside-toplevel
 
   cfg = config_lib.load_config(spec["config"], spec["overrides"])
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
@@ -120,20 +122,31 @@ def jax_worker(spec):
     jax.block_until_ready((holder["state"], metrics))
     return float(metrics["loss"])
 
+  # The peak is the faster of the two products jaxtrain can run: XLA's dot and, where the step's
+  # matmuls run through OpenBLAS (`model.matmul`), jaxtrain.cpu_gemm's.
+  with jax.set_mesh(mesh):
+    blas = cpu_gemm.resolve(model_lib.matmul_choice(setup.model_config), jnp.float32) == "blas"
+  kinds = {"xla": jax.jit(jnp.matmul)}
+  if blas:
+    kinds["blas"] = jax.jit(cpu_gemm.matmul)
   matmuls = {}
 
   def matmul_fn(n):
     if n not in matmuls:
-      a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-      b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-      matmuls[n] = (jax.jit(jnp.matmul), a, b)
-    f, a, b = matmuls[n]
-    f(a, b).block_until_ready()
+      matmuls[n] = (jax.random.normal(jax.random.key(0), (n, n), jnp.float32),
+                    jax.random.normal(jax.random.key(1), (n, n), jnp.float32))
+    seconds = {}
+    for kind, f in kinds.items():
+      start = time.perf_counter()
+      f(*matmuls[n]).block_until_ready()
+      seconds[kind] = time.perf_counter() - start
+    return seconds
 
   first_loss = step_fn()
   step_fn()  # A second warm-up step: buffers from donation settle.
   _reply({"ready": True, "compile_seconds": compile_seconds, "first_loss": first_loss,
           "version": f"jax {jax.__version__}", "attention": cfg.model.attention,
+          "matmul": "OpenBLAS (jaxtrain.cpu_gemm)" if blas else "XLA dots",
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
           "block_cache": host_malloc.preloads_block_cache(os.environ)})
@@ -182,8 +195,10 @@ def torch_worker(spec):
       g = torch.Generator().manual_seed(0)
       matmuls[n] = (torch.randn(n, n, generator=g), torch.randn(n, n, generator=g))
     a, b = matmuls[n]
+    start = time.perf_counter()
     with torch.no_grad():
       torch.matmul(a, b)
+    return {"torch": time.perf_counter() - start}
 
   first_loss = step_fn()
   step_fn()
@@ -376,7 +391,8 @@ def run_comparison(args):
     sizes = [int(n) for n in args.matmul_sizes.split(",") if n]
     for n in sizes:
       alternate(workers, args.matmul_repeats, f"matmul {n}",
-                lambda w, r, n=n: w.matmuls.setdefault(n, []).append(r["seconds"]), args.pause)
+                lambda w, r, n=n: [w.matmuls.setdefault((n, kind), []).append(t)
+                                   for kind, t in r["seconds"].items()], args.pause)
     rss = {w.name: w.ask("rss")["peak_rss_mib"] for w in workers}
   finally:
     for w in workers:
@@ -385,7 +401,7 @@ def run_comparison(args):
   rows = {}
   for w in workers:
     step = median(w.steps)
-    peaks = {n: 2 * n ** 3 / median(ts) for n, ts in w.matmuls.items()}
+    peaks = {(n, kind): 2 * n ** 3 / median(ts) for (n, kind), ts in w.matmuls.items()}
     best_n = max(peaks, key=peaks.get)
     achieved = flops_per_token * tokens / step
     rows[w.name] = {
@@ -415,13 +431,14 @@ def run_comparison(args):
   row("tokens/s", "tokens_per_sec", lambda v: f"{v:,.0f}")
   row("model TFLOP/s", "tflops", lambda v: f"{v:.3f}")
   row("fp32 matmul peak, measured (TFLOP/s)", "peak", lambda v: f"{v:.3f}")
-  row("matmul size of that peak", "peak_n", lambda v: f"{v}^2", False)
+  row("matmul of that peak", "peak_n", lambda v: f"{v[0]}^2 {v[1]}", False)
   row("model FLOP/s / own matmul peak", "of_peak", lambda v: f"{100 * v:.0f}%")
   row("peak RSS (MiB)", "rss", lambda v: f"{v:,.0f}")
   row("loss of the first step", "first_loss", lambda v: f"{v:.4f}", False)
   print()
   for c in cols:
     print(f"- {c}: {rows[c]['info']['version']}; attention {rows[c]['info']['attention']}"
+          + (f"; matmuls: {rows[c]['info']['matmul']}" if rows[c]['info'].get('matmul') else "")
           + (f"; XLA_FLAGS={rows[c]['info']['xla_flags']!r}" if rows[c]['info'].get('xla_flags')
              else "")
           + (f"; GLIBC_TUNABLES={rows[c]['info']['glibc_tunables']}"
