@@ -77,42 +77,42 @@ def _query_blocks(T, block):
   return tuple((start, min(start + block, T)) for start in range(0, T, block))
 
 
-def _block_scores(q_BKCGH, k_BKSH, start):
+def _block_scores(q_BKCGH, k_BKSH, start, einsum):
   """fp32 scores of query rows [start, start + C) against keys [0, start + C), future masked."""
   C = q_BKCGH.shape[2]
   stop = start + C
-  s_BKCGS = jnp.einsum("bkcgh,bksh->bkcgs", q_BKCGH, k_BKSH[:, :, :stop],
-                       preferred_element_type=jnp.float32)
+  s_BKCGS = einsum("bkcgh,bksh->bkcgs", q_BKCGH, k_BKSH[:, :, :stop],
+                   preferred_element_type=jnp.float32)
   row_C11 = start + jnp.arange(C, dtype=jnp.int32)[:, None, None]
   col_S = jnp.arange(stop, dtype=jnp.int32)
   return jnp.where(col_S <= row_C11, s_BKCGS, jnp.finfo(jnp.float32).min)
 
 
-def _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block):
+def _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block, einsum):
   out, lse = [], []
   for start, stop in _query_blocks(q_BKTGH.shape[2], block):
-    s_BKCGS = _block_scores(q_BKTGH[:, :, start:stop], k_BKSH, start)
+    s_BKCGS = _block_scores(q_BKTGH[:, :, start:stop], k_BKSH, start, einsum)
     max_BKCG = jnp.max(s_BKCGS, axis=-1)
     p_BKCGS = jnp.exp(s_BKCGS - max_BKCG[..., None])
     sum_BKCG = jnp.sum(p_BKCGS, axis=-1)
-    o_BKCGH = jnp.einsum("bkcgs,bksh->bkcgh", p_BKCGS.astype(v_BKSH.dtype), v_BKSH[:, :, :stop],
-                         preferred_element_type=jnp.float32)
+    o_BKCGH = einsum("bkcgs,bksh->bkcgh", p_BKCGS.astype(v_BKSH.dtype), v_BKSH[:, :, :stop],
+                     preferred_element_type=jnp.float32)
     out.append((o_BKCGH / sum_BKCG[..., None]).astype(v_BKSH.dtype))
     lse.append(max_BKCG + jnp.log(sum_BKCG))
   return jnp.concatenate(out, axis=2), jnp.concatenate(lse, axis=2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _blocked_causal(q_BKTGH, k_BKSH, v_BKSH, block):
-  return _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _blocked_causal(q_BKTGH, k_BKSH, v_BKSH, block, einsum):
+  return _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block, einsum)[0]
 
 
-def _blocked_causal_fwd(q_BKTGH, k_BKSH, v_BKSH, block):
-  o_BKTGH, lse_BKTG = _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block)
+def _blocked_causal_fwd(q_BKTGH, k_BKSH, v_BKSH, block, einsum):
+  o_BKTGH, lse_BKTG = _blocked_forward(q_BKTGH, k_BKSH, v_BKSH, block, einsum)
   return o_BKTGH, (q_BKTGH, k_BKSH, v_BKSH, o_BKTGH, lse_BKTG)
 
 
-def _contract_rows(x_BKCGH, p_BKCGE):
+def _contract_rows(x_BKCGH, p_BKCGE, einsum):
   """sum over query rows of x[h] * p[e] -> [B, K, H, E], a key/value gradient block, transposed.
 
   The contraction runs over the rows of both operands. Asked for as [.., H, E] (the key axis
@@ -120,10 +120,10 @@ def _contract_rows(x_BKCGH, p_BKCGE):
   asked for as [.., E, H] the output layout sends it to a slower generic dot. So the backward
   accumulates dk and dv as [B, K, H, S] and transposes each once at the end.
   """
-  return jnp.einsum("bkcgh,bkcge->bkhe", x_BKCGH, p_BKCGE, preferred_element_type=jnp.float32)
+  return einsum("bkcgh,bkcge->bkhe", x_BKCGH, p_BKCGE, preferred_element_type=jnp.float32)
 
 
-def _blocked_causal_bwd(block, residuals, do_BKTGH):
+def _blocked_causal_bwd(block, einsum, residuals, do_BKTGH):
   """Flash-attention backward: probabilities are recomputed per block from the saved
   log-sum-exp, so nothing of size T x T outlives a block (and no stacked T x T residual is
   written per layer under the layer scan)."""
@@ -137,15 +137,14 @@ def _blocked_causal_bwd(block, residuals, do_BKTGH):
   for start, stop in _query_blocks(q_BKTGH.shape[2], block):
     q_BKCGH, do_BKCGH = q_BKTGH[:, :, start:stop], do_BKTGH[:, :, start:stop]
     k_BKEH, v_BKEH = k_BKSH[:, :, :stop], v_BKSH[:, :, :stop]
-    s_BKCGE = _block_scores(q_BKCGH, k_BKSH, start)
+    s_BKCGE = _block_scores(q_BKCGH, k_BKSH, start, einsum)
     p_BKCGE = jnp.exp(s_BKCGE - lse_BKTG[:, :, start:stop, :, None])
-    dv_BKHS = dv_BKHS.at[..., :stop].add(_contract_rows(do_BKCGH, p_BKCGE.astype(dt)))
-    dp_BKCGE = jnp.einsum("bkcgh,bkeh->bkcge", do_BKCGH, v_BKEH,
-                          preferred_element_type=jnp.float32)
+    dv_BKHS = dv_BKHS.at[..., :stop].add(_contract_rows(do_BKCGH, p_BKCGE.astype(dt), einsum))
+    dp_BKCGE = einsum("bkcgh,bkeh->bkcge", do_BKCGH, v_BKEH, preferred_element_type=jnp.float32)
     ds_BKCGE = (p_BKCGE * (dp_BKCGE - delta_BKTG[:, :, start:stop, :, None])).astype(dt)
-    dq.append(jnp.einsum("bkcge,bkeh->bkcgh", ds_BKCGE, k_BKEH,
-                         preferred_element_type=jnp.float32).astype(dt))
-    dk_BKHS = dk_BKHS.at[..., :stop].add(_contract_rows(q_BKCGH, ds_BKCGE))
+    dq.append(einsum("bkcge,bkeh->bkcgh", ds_BKCGE, k_BKEH,
+                     preferred_element_type=jnp.float32).astype(dt))
+    dk_BKHS = dk_BKHS.at[..., :stop].add(_contract_rows(q_BKCGH, ds_BKCGE, einsum))
   return (jnp.concatenate(dq, axis=2), jnp.swapaxes(dk_BKHS, 2, 3).astype(dt),
           jnp.swapaxes(dv_BKHS, 2, 3).astype(v_BKSH.dtype))
 
@@ -153,7 +152,7 @@ def _blocked_causal_bwd(block, residuals, do_BKTGH):
 _blocked_causal.defvjp(_blocked_causal_fwd, _blocked_causal_bwd)
 
 
-def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, block=CPU_BLOCK):
+def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, block=CPU_BLOCK, einsum=jnp.einsum):
   """Causal self-attention that skips the masked upper triangle, for XLA:CPU.
 
   On CPU the step is bound by how many FLOPs and bytes its few large ops move (jax#26145), and
@@ -165,7 +164,9 @@ def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, block=CPU_BLOCK):
   and the contraction dim minor, which XLA:CPU runs without copies. Grouped query heads are
   folded into the rows of each kv head ([B, K, T, G, H]), never repeated. The backward
   recomputes probabilities from the log-sum-exp (flash-attention style), which on CPU is
-  cheaper than writing and re-reading stacked T x T probabilities.
+  cheaper than writing and re-reading stacked T x T probabilities. `einsum`: jnp.einsum, or
+  jaxtrain.cpu_gemm's (OpenBLAS; `model.matmul`), which runs these batched small products
+  1.4-1.6x faster than XLA:CPU on our 2-core machine (docs/benchmarks.md).
   """
   B, T, N, H = q_BTNH.shape
   K = k_BTKH.shape[2]
@@ -174,7 +175,7 @@ def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, block=CPU_BLOCK):
                           (0, 2, 1, 3, 4))
   k_BKSH = jnp.transpose(k_BTKH, (0, 2, 1, 3))
   v_BKSH = jnp.transpose(v_BTKH, (0, 2, 1, 3))
-  o_BKTGH = _blocked_causal(q_BKTGH, k_BKSH, v_BKSH, block)
+  o_BKTGH = _blocked_causal(q_BKTGH, k_BKSH, v_BKSH, block, einsum)
   return jnp.transpose(o_BKTGH, (0, 2, 1, 3, 4)).reshape(B, T, N, H)
 
 
@@ -187,12 +188,12 @@ def causal_mask(q_positions_BT, kv_positions_BS, kv_valid_BS=None):
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, *, impl="auto", q_positions_BT=None, kv_positions_BS=None,
-              kv_valid_BS=None):
+              kv_valid_BS=None, einsum=jnp.einsum):
   """Causal attention of queries over keys/values; N must be a multiple of K (GQA).
 
   Without positions, queries and keys are the same sequence (training and prefill). With
   positions (decoding against a KV cache), key s is visible to query t when its position is at
-  most t's and it is marked valid.
+  most t's and it is marked valid. `einsum` is what the `cpu` implementation multiplies with.
   """
   B, T, _, _ = q_BTNH.shape
   S = k_BSKH.shape[1]
@@ -202,7 +203,7 @@ def attention(q_BTNH, k_BSKH, v_BSKH, *, impl="auto", q_positions_BT=None, kv_po
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True,
                                         implementation="cudnn")
   if chosen == "cpu" and plain_causal and T == S:
-    return blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH)
+    return blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, einsum=einsum)
   if q_positions_BT is None:
     q_positions_BT = jnp.broadcast_to(jnp.arange(S - T, S, dtype=jnp.int32), (B, T))
   if kv_positions_BS is None:

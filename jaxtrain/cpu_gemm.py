@@ -149,12 +149,15 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 @functools.lru_cache(maxsize=None)
 def _plan(spec, a_shape, b_shape):
-  """How `einsum(spec)` maps onto `matmul`: (trans_a, trans_b, a_2d, b_2d, out_shape), or an error.
+  """How `einsum(spec)` maps onto `matmul`: (trans_a, trans_b, a_shape, b_shape, out_shape) with
+  the operands' shapes as matrices (or batches of matrices), or a ValueError.
 
-  Supported: every axis is either contracted (in both operands, not in the output) or free (in one
-  operand and the output), and each operand holds its free and contracted axes as two contiguous
-  groups in the order the output and the other operand use; then both become matrices by merging
-  adjacent axes (a reshape, no copy). This covers the model's projections and their gradients.
+  Supported: batch axes (in both operands and the output) lead all three in the same order; every
+  other axis is either contracted (in both operands, not in the output) or free (in one operand and
+  the output), and each operand holds its free and contracted axes as two contiguous groups in the
+  order the output and the other operand use. Then the operands become matrices, or batches of
+  them, by merging adjacent axes (a reshape, no copy). This covers the model's projections and
+  attention's products, and their gradients.
   """
   inputs, out = spec.replace(" ", "").split("->")
   a_axes, b_axes = inputs.split(",")
@@ -165,11 +168,17 @@ def _plan(spec, a_shape, b_shape):
   for axis, size in zip(b_axes, b_shape):
     if sizes.setdefault(axis, size) != size:
       raise ValueError(f"einsum {spec!r}: axis {axis} is {sizes[axis]} and {size}")
+  batch = ""
+  while (len(batch) < min(len(a_axes), len(b_axes), len(out))
+         and a_axes[len(batch)] == b_axes[len(batch)] == out[len(batch)]):
+    batch += out[len(batch)]
+  a_axes, b_axes, out = a_axes[len(batch):], b_axes[len(batch):], out[len(batch):]
   contracted = "".join(c for c in a_axes if c in b_axes and c not in out)
   m_axes = "".join(c for c in out if c in a_axes and c not in b_axes)
   n_axes = "".join(c for c in out if c in b_axes and c not in a_axes)
   if out != m_axes + n_axes:
-    raise ValueError(f"einsum {spec!r}: output must be a's free axes then b's (no batch axes)")
+    raise ValueError(f"einsum {spec!r}: output must be batch axes (leading all three), then a's "
+                     "free axes, then b's")
   if sorted(a_axes) != sorted(m_axes + contracted) or sorted(b_axes) != sorted(n_axes + contracted):
     raise ValueError(f"einsum {spec!r}: every axis must be contracted or in the output")
   a_contracted = "".join(c for c in a_axes if c in contracted)
@@ -187,9 +196,10 @@ def _plan(spec, a_shape, b_shape):
     raise ValueError(f"einsum {spec!r}: b's contracted axes are not in a's order, or interleaved")
   size = lambda axes: int(np.prod([sizes[c] for c in axes], dtype=np.int64))
   m, n, k = size(m_axes), size(n_axes), size(a_contracted)
-  a_2d = (k, m) if trans_a else (m, k)
-  b_2d = (n, k) if trans_b else (k, n)
-  return trans_a, trans_b, a_2d, b_2d, tuple(sizes[c] for c in out)
+  lead = (size(batch),) if batch else ()
+  a_matrices = lead + ((k, m) if trans_a else (m, k))
+  b_matrices = lead + ((n, k) if trans_b else (k, n))
+  return trans_a, trans_b, a_matrices, b_matrices, tuple(sizes[c] for c in batch + out)
 
 
 def einsum(spec, a, b, *, preferred_element_type=None):
@@ -201,9 +211,9 @@ def einsum(spec, a, b, *, preferred_element_type=None):
   if out and out[0] in b_axes and out[0] not in a_axes:
     # The output starts with b's free axes: the same product with the operands swapped.
     a, b, spec = b, a, f"{b_axes},{a_axes}->{out}"
-  trans_a, trans_b, a_2d, b_2d, out_shape = _plan(spec, a.shape, b.shape)
+  trans_a, trans_b, a_matrices, b_matrices, out_shape = _plan(spec, a.shape, b.shape)
   with jax.named_scope(spec):  # Profiles name the custom call by its einsum, as XLA's dots.
-    return matmul(a.reshape(a_2d), b.reshape(b_2d), trans_a, trans_b).reshape(out_shape)
+    return matmul(a.reshape(a_matrices), b.reshape(b_matrices), trans_a, trans_b).reshape(out_shape)
 
 
 def einsum_for(choice, dtype):

@@ -316,7 +316,7 @@ class Attention(nnx.Module):
     q_BTNH = rotate(q_BTNH, *rope)
     k_BTKH = rotate(k_BTKH, *rope)
     if kv_cache is None:
-      out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, impl=impl)
+      out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, impl=impl, einsum=einsum)
       new_cache = None
     else:
       new_cache = kv_cache.update(k_BTKH, v_BTKH, positions_BT)

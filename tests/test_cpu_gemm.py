@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtrain import cpu_gemm, model as model_lib, sharding, trainer
+from jaxtrain import attention, cpu_gemm, model as model_lib, sharding, trainer
 from jaxtrain.errors import UserError
 
 
@@ -64,6 +64,8 @@ def test_empty_contraction_gives_zeros():
     ("btk,dk->btd", (2, 5, 12), (8, 12)),         # input gradient (b transposed)
     ("btd,btf->df", (2, 5, 8), (2, 5, 6)),        # weight gradient (a transposed)
     ("btd,btf->fd", (2, 5, 8), (2, 5, 6)),        # output in b's order: operands swapped
+    ("bkcgh,bksh->bkcgs", (2, 3, 4, 2, 5), (2, 3, 6, 5)),  # attention scores: batch axes b, k
+    ("bkcgh,bkcge->bkhe", (2, 3, 4, 2, 5), (2, 3, 4, 2, 6)),  # a key gradient block
 ])
 def test_einsum_matches_jnp_einsum_with_gradients(spec, a_shape, b_shape):
   a, b = _normal(0, a_shape), _normal(1, b_shape)
@@ -74,7 +76,7 @@ def test_einsum_matches_jnp_einsum_with_gradients(spec, a_shape, b_shape):
 
 
 @pytest.mark.parametrize("spec,a_shape,b_shape,message", [
-    ("bkth,bksh->bkts", (2, 3, 4, 5), (2, 3, 6, 5), "batch axes"),
+    ("bth,sbh->bts", (2, 4, 5), (6, 2, 5), "batch axes"),
     ("btd,dg->bgt", (2, 5, 8), (8, 6), "batch axes|free axes"),
     ("bdt,dg->btg", (2, 8, 5), (8, 6), "interleaved"),
     ("btd,dg->btg", (2, 5, 8), (7, 6), "axis d"),
@@ -82,6 +84,22 @@ def test_einsum_matches_jnp_einsum_with_gradients(spec, a_shape, b_shape):
 def test_einsum_rejects_what_one_matrix_product_cannot_do(spec, a_shape, b_shape, message):
   with pytest.raises(ValueError, match=message):
     cpu_gemm.einsum(spec, jnp.zeros(a_shape), jnp.zeros(b_shape))
+
+
+def test_cpu_attention_with_blas_matches_xla_products():
+  B, T, N, K, H = 2, 21, 6, 2, 16
+  q, k, v = _normal(0, (B, T, N, H)), _normal(1, (B, T, K, H)), _normal(2, (B, T, K, H))
+  do = _normal(3, (B, T, N, H))
+
+  def out_and_grads(einsum):
+    f = lambda q, k, v: attention.blocked_causal_attention(q, k, v, block=8, einsum=einsum)
+    out, vjp = jax.vjp(jax.jit(f), q, k, v)
+    return (out, *vjp(do))
+
+  for name, want, got in zip(("out", "dq", "dk", "dv"), out_and_grads(jnp.einsum),
+                             out_and_grads(cpu_gemm.einsum)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5,
+                               err_msg=name)
 
 
 def test_resolve_follows_backend_dtype_and_mesh():
@@ -102,7 +120,8 @@ SMALL = model_lib.ModelConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=6, 
                               d_ff=80, max_seq_len=64)
 
 
-@pytest.mark.parametrize("changes", [{}, dict(remat="full"), dict(scan_layers=False)])
+@pytest.mark.parametrize("changes", [{}, dict(attention="xla"), dict(remat="full"),
+                                     dict(scan_layers=False)])
 def test_model_with_blas_gives_xla_loss_and_gradients(changes):
   tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, SMALL.vocab_size)
   _, params = model_lib.params_of(model_lib.create(SMALL, seed=1))
