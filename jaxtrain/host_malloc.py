@@ -46,14 +46,20 @@ def _glibc_supported():
   return (major, minor) >= (2, 35)
 
 
-def block_cache_library():
-  """Path of the built block-cache library, or None (not built: no C compiler at install)."""
+def built_library(stem):
+  """Path of jaxtrain's compiled library `stem` (setup.py's extensions), or None where the install
+  could not build it (no compiler). Shared with jaxtrain/cpu_gemm.py; this module imports no JAX."""
   here = os.path.dirname(os.path.abspath(__file__))
   for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-    path = os.path.join(here, "_block_cache" + suffix)
+    path = os.path.join(here, stem + suffix)
     if os.path.isfile(path):
       return path
   return None
+
+
+def block_cache_library():
+  """Path of the built block-cache library, or None (not built: no C compiler at install)."""
+  return built_library("_block_cache")
 
 
 def preloads_block_cache(env):

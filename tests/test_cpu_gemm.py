@@ -116,6 +116,14 @@ def test_resolve_follows_backend_dtype_and_mesh():
       cpu_gemm.resolve("blas", jnp.float32)
 
 
+def test_without_the_library_auto_falls_back_and_blas_says_why(monkeypatch):
+  monkeypatch.setattr(cpu_gemm, "unavailable_reason", lambda: "jaxtrain/_cpu_gemm was not built")
+  assert cpu_gemm.resolve("auto", jnp.float32) == "xla"
+  assert cpu_gemm.einsum_for("auto", jnp.float32) is jnp.einsum
+  with pytest.raises(UserError, match="model.matmul=blas cannot run: jaxtrain/_cpu_gemm was not"):
+    cpu_gemm.resolve("blas", jnp.float32)
+
+
 SMALL = model_lib.ModelConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2,
                               d_ff=80, max_seq_len=64)
 

@@ -1,8 +1,8 @@
 // fp32 matrix products for XLA:CPU through OpenBLAS, called as an XLA FFI custom call.
 //
-// On the 2-core machines of docs/benchmarks.md, OpenBLAS's sgemm runs the 35M model's
-// projection shapes at 5-20% more FLOP/s than the YNNPACK GEMMs that XLA:CPU uses for dots, and
-// the training step is ~10% faster with its large matmuls here. jaxtrain/cpu_gemm.py loads
+// On the 2-core machines of docs/benchmarks.md, OpenBLAS's sgemm runs the 35M model's products
+// at up to 1.6x the FLOP/s of the YNNPACK GEMMs that XLA:CPU uses for dots, and the training step
+// is ~12% faster with its matmuls here. jaxtrain/cpu_gemm.py loads
 // OpenBLAS (the `scipy-openblas32` wheel), hands this library its `cblas_sgemm` with
 // `jaxtrain_cpu_gemm_set_sgemm`, and registers the handler `JaxtrainCpuGemm` for the CPU platform.
 //
