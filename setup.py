@@ -26,9 +26,10 @@ def _ffi_include_dirs():
 
 extensions = [Extension("jaxtrain._block_cache", ["jaxtrain/csrc/block_cache.c"],
                         extra_compile_args=["-O2", "-Wall"], optional=True)]
-if _ffi_include_dirs():
+ffi_include_dirs = _ffi_include_dirs()
+if ffi_include_dirs:
   extensions.append(Extension("jaxtrain._cpu_gemm", ["jaxtrain/csrc/cpu_gemm.cc"],
-                              include_dirs=_ffi_include_dirs(), language="c++",
+                              include_dirs=ffi_include_dirs, language="c++",
                               extra_compile_args=["-O2", "-std=c++17", "-Wno-attributes"],
                               optional=True))
 setup(ext_modules=extensions)
