@@ -1,6 +1,7 @@
 """Causal attention alone on CPU, forward + backward: jaxtrain's block-causal `cpu` path by block
 size (with XLA's dots, and with the OpenBLAS products of jaxtrain.cpu_gemm at the default block,
-as the training step runs it), the masked `xla` reference and (if torch is installed) PyTorch's SDPA.
+as the training step runs it), the masked `xla` reference and (if torch is installed) PyTorch's
+SDPA.
 
   python benchmarks/attention_cpu.py                       # 35M shapes: B=8, T=512, 8 heads of 64
   python benchmarks/attention_cpu.py --blocks=128,256 --repeats=21 --no-torch

@@ -53,11 +53,15 @@ def _load():
     set_threads = openblas.scipy_openblas_set_num_threads
   except (ImportError, OSError, AttributeError, IndexError) as e:
     return f"OpenBLAS from the scipy-openblas32 package did not load: {e}"
+  try:
+    library = ctypes.CDLL(path)
+    set_sgemm, handler = library.jaxtrain_cpu_gemm_set_sgemm, library.JaxtrainCpuGemm
+  except (OSError, AttributeError) as e:
+    return f"{path} did not load (a stale build? reinstall jaxtrain): {e}"
   # The handler splits every product over XLA's threads itself; OpenBLAS threads would compete.
   set_threads(1)
-  library = ctypes.CDLL(path)
-  library.jaxtrain_cpu_gemm_set_sgemm(ctypes.cast(sgemm, ctypes.c_void_p))
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxtrainCpuGemm), platform="cpu")
+  set_sgemm(ctypes.cast(sgemm, ctypes.c_void_p))
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
   return None
 
 
@@ -78,7 +82,8 @@ def resolve(choice, dtype):
   mesh = jax.sharding.get_abstract_mesh()
   reasons = [
       jax.default_backend() != "cpu" and f"the backend is {jax.default_backend()}, not cpu",
-      jnp.dtype(dtype) != jnp.float32 and f"the compute dtype is {jnp.dtype(dtype).name}, not float32",
+      jnp.dtype(dtype) != jnp.float32
+      and f"the compute dtype is {jnp.dtype(dtype).name}, not float32",
       mesh.size > 1 and f"the computation is partitioned over {mesh.size} devices",
       unavailable_reason(),
   ]
@@ -109,6 +114,11 @@ def matmul(a, b, trans_a=False, trans_b=False):
     raise ValueError(f"matmul takes two matrices or two batches of them, got {a.shape} x {b.shape}")
   if a.dtype != jnp.float32 or b.dtype != jnp.float32:
     raise ValueError(f"matmul is float32 only, got {a.dtype} x {b.dtype}")
+  k_a = a.shape[-2] if trans_a else a.shape[-1]
+  k_b = b.shape[-1] if trans_b else b.shape[-2]
+  if k_a != k_b or a.shape[:-2] != b.shape[:-2]:
+    raise ValueError(f"matmul: {a.shape} x {b.shape} with trans_a={trans_a}, trans_b={trans_b} "
+                     "is not a matrix product")
   reason = unavailable_reason()
   if reason is not None:
     raise RuntimeError(f"jaxtrain.cpu_gemm cannot run: {reason}")

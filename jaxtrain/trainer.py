@@ -128,7 +128,8 @@ def cross_entropy_sum(h_BTD, w_DV, targets_BT, mask_BT=None, chunk=0, matmul="xl
   The head matmul and the loss are one custom-VJP function (`_linear_cross_entropy_fwd`): under
   differentiation each chunk's gradients are computed right after its logits, so the [B, T, V]
   fp32 logits are never materialised for long sequences or large vocabularies, and never
-  recomputed either. `matmul`: `model.matmul` (XLA's dots, or OpenBLAS through jaxtrain/cpu_gemm.py).
+  recomputed either. `matmul`: `model.matmul` (XLA's dots, or OpenBLAS through
+  jaxtrain/cpu_gemm.py).
   """
   B, T, D = h_BTD.shape
   V = w_DV.shape[1]

@@ -52,6 +52,13 @@ def test_matmul_values_and_gradients_match_xla(trans_a, trans_b, m, k, n, batch)
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4, err_msg=name)
 
 
+def test_mismatched_operands_are_an_error_before_anything_runs():
+  with pytest.raises(ValueError, match="is not a matrix product"):
+    cpu_gemm.matmul(jnp.ones((3, 4)), jnp.ones((5, 2)))
+  with pytest.raises(ValueError, match="is not a matrix product"):
+    cpu_gemm.matmul(jnp.ones((2, 3, 4)), jnp.ones((3, 4, 2)))
+
+
 def test_empty_contraction_gives_zeros():
   out = jax.jit(cpu_gemm.matmul)(jnp.ones((3, 0)), jnp.ones((0, 4)))
   np.testing.assert_array_equal(np.asarray(out), np.zeros((3, 4)))
@@ -105,7 +112,7 @@ def test_cpu_attention_with_blas_matches_xla_products():
 def test_resolve_follows_backend_dtype_and_mesh():
   assert cpu_gemm.resolve("xla", jnp.float32) == "xla"
   assert cpu_gemm.resolve("auto", jnp.bfloat16) == "xla"
-  with pytest.raises(UserError, match=r"model\.matmul=blas cannot run: the compute dtype is bfloat16"):
+  with pytest.raises(UserError, match=r"model\.matmul=blas cannot run: the compute dtype is bf"):
     cpu_gemm.resolve("blas", jnp.bfloat16)
   with pytest.raises(UserError, match=r"model\.matmul='mkl'"):
     cpu_gemm.resolve("mkl", jnp.float32)
