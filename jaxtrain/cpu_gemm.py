@@ -70,13 +70,13 @@ def unavailable_reason():
   return _load()
 
 
-def resolve(choice, dtype):
-  """The implementation that runs (`xla` or `blas`) for `model.matmul=choice`, at trace time.
+def resolve(choice, dtype, key="model.matmul"):
+  """The implementation that runs (`xla` or `blas`) for `key=choice`, at trace time.
 
   An explicit `blas` that cannot run is a one-line UserError naming the key; `auto` falls back.
   """
   if choice not in IMPLEMENTATIONS:
-    raise UserError(f"model.matmul={choice!r} is not one of {IMPLEMENTATIONS}")
+    raise UserError(f"{key}={choice!r} is not one of {IMPLEMENTATIONS}")
   if choice == "xla":
     return "xla"
   mesh = jax.sharding.get_abstract_mesh()
@@ -91,7 +91,7 @@ def resolve(choice, dtype):
   if reason is None:
     return "blas"
   if choice == "blas":
-    raise UserError(f"model.matmul=blas cannot run: {reason} (use model.matmul=auto or xla)")
+    raise UserError(f"{key}=blas cannot run: {reason} (use {key}=auto or xla)")
   return "xla"
 
 
@@ -218,6 +218,6 @@ def einsum(spec, a, b, *, preferred_element_type=None):
     return matmul(a.reshape(a_matrices), b.reshape(b_matrices), trans_a, trans_b).reshape(out_shape)
 
 
-def einsum_for(choice, dtype):
-  """The einsum to use for `model.matmul=choice` at this trace: this module's, or jnp.einsum."""
-  return einsum if resolve(choice, dtype) == "blas" else jnp.einsum
+def einsum_for(choice, dtype, key="model.matmul"):
+  """The einsum to use for `key=choice` at this trace: this module's, or jnp.einsum."""
+  return einsum if resolve(choice, dtype, key) == "blas" else jnp.einsum

@@ -283,7 +283,7 @@ def test_routing_sends_biases_to_adamw_without_decay():
                     'final_norm/scale': 'adamw', 'embed/embedding': 'adamw'}
   cfg = muon_cfg()
   cfg.weight_decay, cfg.clip_norm, cfg.warmup_steps = 0.5, 0.0, 0
-  opt = optim.build_optimizer(cfg, total_steps=10)
+  opt = optim.build_optimizer(cfg, total_steps=100)
   zeros = jax.tree.map(jnp.zeros_like, params)
   # Zero gradients: only weight decay moves parameters.
   updates, _ = jax.jit(opt.update)(zeros, opt.init(params), params)
@@ -379,3 +379,25 @@ def test_sharded_newton_schulz_equals_unsharded_on_8_devices():
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'OK' in proc.stdout
+
+
+def test_newton_schulz_through_openblas_gives_the_xla_update():
+  # On one CPU device `auto` runs the NS products through jaxtrain.cpu_gemm; `xla` keeps XLA's.
+  shapes = {'blocks': {'attn': {'wq': (2, 16, 2, 8)}, 'mlp': {'w_up': (2, 16, 24)}}}
+  rng = np.random.default_rng(0)
+  grads = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s), jnp.float32), shapes,
+                       is_leaf=lambda s: isinstance(s, tuple))
+  updates = {}
+  for matmul in ('xla', 'auto'):
+    opt = optim.build_optimizer(muon_cfg(ns_matmul=matmul), total_steps=100)
+    updates[matmul] = jax.jit(opt.update)(grads, opt.init(grads), grads)[0]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+               updates['auto'], updates['xla'])
+  hlo = jax.jit(optim.build_optimizer(muon_cfg(), total_steps=100).update).lower(
+      grads, opt.init(grads), grads).as_text()
+  assert 'jaxtrain_cpu_gemm' in hlo
+
+
+def test_ns_matmul_is_checked_with_the_config():
+  with pytest.raises(UserError, match='optimizer.muon.ns_matmul'):
+    optim.validate_config(muon_cfg(ns_matmul='mkl'))

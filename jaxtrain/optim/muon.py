@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxtrain import cpu_gemm
 from jaxtrain.optim import routing
 
 # Keller Jordan's quintic (modded-nanogpt, 2024), the same row every step. It maximises the slope at
@@ -102,11 +103,12 @@ def ns_coefficients(ns_coeffs='standard', ns_steps: int = 5) -> tuple[np.ndarray
   return rows, 1.0
 
 
-def _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype):
+def _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype, einsum=jnp.einsum):
   """NS on a stack of matrices with M <= N (so the Gram matrix X X^T is the small one).
 
   Input and output are fp32; only the loop runs in ns_dtype, so a bf16 loop still starts from an
-  fp32 norm and hands fp32 back to the momentum/decay arithmetic.
+  fp32 norm and hands fp32 back to the momentum/decay arithmetic. `einsum`: jnp.einsum, or
+  jaxtrain.cpu_gemm's OpenBLAS products on CPU (`matmul` of `scale_by_muon`).
   """
   x_BMN = x_BMN.astype(jnp.float32)
   norm_B11 = jnp.sqrt(jnp.sum(jnp.square(x_BMN), axis=(-2, -1), keepdims=True))
@@ -115,12 +117,15 @@ def _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype):
 
   eye_MM = jnp.eye(x_BMN.shape[-2], dtype=ns_dtype)
 
+  b = ''.join(chr(ord('p') + i) for i in range(x_BMN.ndim - 2))  # batch axes, named
+
   def ns_step(x_BMN, abc_3):
     # X <- a X + b (X X^T) X + c (X X^T)^2 X, evaluated as (a I + b A + c A A) X with A = X X^T:
     # the a-term goes on the small M x M side, which saves a pass over X per step (~2% on CPU).
-    gram_BMM = jnp.einsum('...mn,...kn->...mk', x_BMN, x_BMN)
-    poly_BMM = abc_3[0] * eye_MM + abc_3[1] * gram_BMM + abc_3[2] * (gram_BMM @ gram_BMM)
-    return poly_BMM @ x_BMN, None
+    gram_BMM = einsum(f'{b}mn,{b}kn->{b}mk', x_BMN, x_BMN)
+    square_BMM = einsum(f'{b}mk,{b}kj->{b}mj', gram_BMM, gram_BMM)
+    poly_BMM = abc_3[0] * eye_MM + abc_3[1] * gram_BMM + abc_3[2] * square_BMM
+    return einsum(f'{b}mk,{b}kn->{b}mn', poly_BMM, x_BMN), None
 
   x_BMN, _ = jax.lax.scan(ns_step, x_BMN, jnp.asarray(coeffs_S3, ns_dtype))
   return x_BMN.astype(jnp.float32)
@@ -303,6 +308,7 @@ def scale_by_muon(
     mesh: Mesh | None = None,
     shard_axis: str | Sequence[str] = 'fsdp',
     param_shardings=None,
+    matmul: str = 'auto',
 ) -> optax.GradientTransformation:
   """Muon direction for every leaf: fp32 momentum, Newton-Schulz, optional NorMuon, shape scaling.
 
@@ -332,6 +338,8 @@ def scale_by_muon(
     shard_axis: mesh axis name (or names) to split the NS batch over.
     param_shardings: optional pytree (like params) of NamedSharding/PartitionSpec; updates are
       constrained back to them after NS. Without it XLA's propagation picks the output layout.
+    matmul: the NS loop's matrix products: 'xla', 'blas' (OpenBLAS on CPU, jaxtrain/cpu_gemm.py)
+      or 'auto' (OpenBLAS where it can run: CPU, fp32 ns_dtype, one device; else XLA's dots).
 
   Returns:
     An optax.GradientTransformation with state `MuonState`.
@@ -339,6 +347,8 @@ def scale_by_muon(
   if variant not in VARIANTS:
     raise ValueError(f'unknown variant {variant!r}; known: {VARIANTS}')
   shape_scale(1, 1, shape_scaling)  # validates the name early
+  if matmul not in cpu_gemm.IMPLEMENTATIONS:
+    raise ValueError(f'unknown matmul {matmul!r}; known: {cpu_gemm.IMPLEMENTATIONS}')
   coeffs_S3, prescale = ns_coefficients(ns_coeffs, ns_steps)
   ns_dtype = jnp.dtype(ns_dtype)
   shardings = _sharding_lookup(param_shardings, mesh)
@@ -364,6 +374,9 @@ def scale_by_muon(
     nu_leaves = treedef.flatten_up_to(state.nu) if variant == 'normuon' else [None] * len(g_leaves)
     axes = _shard_axes(mesh, shard_axis)
     group = jax.default_backend() != 'cpu' if group_by_shape is None else group_by_shape
+    # A custom call has no sharding rule: NS split over a mesh of several devices keeps XLA's dots.
+    choice = 'xla' if matmul == 'auto' and mesh is not None and mesh.size > 1 else matmul
+    einsum = cpu_gemm.einsum_for(choice, ns_dtype, 'optimizer.muon.ns_matmul')
 
     new_mu, wide, undo, groups = [], [], [], {}
     for k, (g, mu, layout) in enumerate(zip(g_leaves, mu_leaves, layout_leaves)):
@@ -390,7 +403,8 @@ def scale_by_muon(
       # needs no data movement between the members of a group.
       x_BMN = xs[0] if len(xs) == 1 else jnp.stack(xs, axis=1).reshape(-1, m, n)
       x_BMN = _place(x_BMN, split, mesh)
-      y_BMN = _place(_orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype), split, mesh)
+      y_BMN = _place(_orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype, einsum),
+                     split, mesh)
       y_BGMN = y_BMN.reshape(batch, len(xs), m, n)
       for j, k in enumerate(members):
         ortho[k] = y_BGMN[:, j]
