@@ -125,7 +125,8 @@ def jax_worker(spec):
   # The peak is the faster of the two products jaxtrain can run: XLA's dot and, where the step's
   # matmuls run through OpenBLAS (`model.matmul`), jaxtrain.cpu_gemm's.
   with jax.set_mesh(mesh):
-    blas = cpu_gemm.resolve(model_lib.matmul_choice(setup.model_config), jnp.float32) == "blas"
+    c = setup.model_config
+    blas = cpu_gemm.resolve(model_lib.matmul_choice(c), model_lib.DTYPES[c.dtype]) == "blas"
   kinds = {"xla": jax.jit(jnp.matmul)}
   if blas:
     kinds["blas"] = jax.jit(cpu_gemm.matmul)

@@ -166,7 +166,7 @@ def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, block=CPU_BLOCK, einsum=jnp
   recomputes probabilities from the log-sum-exp (flash-attention style), which on CPU is
   cheaper than writing and re-reading stacked T x T probabilities. `einsum`: jnp.einsum, or
   jaxtrain.cpu_gemm's (OpenBLAS; `model.matmul`), which runs these batched small products
-  1.4-1.6x faster than XLA:CPU on our 2-core machine (docs/benchmarks.md).
+  1.1-1.6x faster than XLA:CPU on our 2-core machine (benchmarks/cpu_gemm.py, docs/benchmarks.md).
   """
   B, T, N, H = q_BTNH.shape
   K = k_BTKH.shape[2]

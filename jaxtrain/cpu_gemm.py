@@ -80,15 +80,13 @@ def resolve(choice, dtype, key="model.matmul"):
   if choice == "xla":
     return "xla"
   mesh = jax.sharding.get_abstract_mesh()
-  reasons = [
-      jax.default_backend() != "cpu" and f"the backend is {jax.default_backend()}, not cpu",
-      jnp.dtype(dtype) != jnp.float32
-      and f"the compute dtype is {jnp.dtype(dtype).name}, not float32",
-      mesh.size > 1 and f"the computation is partitioned over {mesh.size} devices",
-      unavailable_reason(),
-  ]
-  reason = next((r for r in reasons if r), None)
-  if reason is None:
+  # The first reason that applies; the library is loaded only where nothing else rules it out.
+  reason = ((jax.default_backend() != "cpu" and f"the backend is {jax.default_backend()}, not cpu")
+            or (jnp.dtype(dtype) != jnp.float32
+                and f"the compute dtype is {jnp.dtype(dtype).name}, not float32")
+            or (mesh.size > 1 and f"the computation is partitioned over {mesh.size} devices")
+            or unavailable_reason())
+  if not reason:
     return "blas"
   if choice == "blas":
     raise UserError(f"{key}=blas cannot run: {reason} (use {key}=auto or xla)")
@@ -149,6 +147,14 @@ def _matmul_bwd(trans_a, trans_b, residuals, dout):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def _transposed(axes, rows, cols):
+  """False when `axes` are `rows` then `cols` (a row-major matrix), True when `cols` then `rows`
+  (its transpose as stored), None when neither."""
+  if axes == rows + cols:
+    return False
+  return True if axes == cols + rows else None
+
+
 @functools.lru_cache(maxsize=None)
 def _plan(spec, a_shape, b_shape):
   """How `einsum(spec)` maps onto `matmul`: (trans_a, trans_b, a_shape, b_shape, out_shape) with
@@ -184,17 +190,11 @@ def _plan(spec, a_shape, b_shape):
   if sorted(a_axes) != sorted(m_axes + contracted) or sorted(b_axes) != sorted(n_axes + contracted):
     raise ValueError(f"einsum {spec!r}: every axis must be contracted or in the output")
   a_contracted = "".join(c for c in a_axes if c in contracted)
-  if a_axes == m_axes + a_contracted:
-    trans_a = False
-  elif a_axes == a_contracted + m_axes:
-    trans_a = True
-  else:
+  trans_a = _transposed(a_axes, m_axes, a_contracted)
+  if trans_a is None:
     raise ValueError(f"einsum {spec!r}: a's free and contracted axes are interleaved")
-  if b_axes == a_contracted + n_axes:
-    trans_b = False
-  elif b_axes == n_axes + a_contracted:
-    trans_b = True
-  else:
+  trans_b = _transposed(b_axes, a_contracted, n_axes)
+  if trans_b is None:
     raise ValueError(f"einsum {spec!r}: b's contracted axes are not in a's order, or interleaved")
   size = lambda axes: int(np.prod([sizes[c] for c in axes], dtype=np.int64))
   m, n, k = size(m_axes), size(n_axes), size(a_contracted)
