@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The prepared GPU measurement (docs/benchmarks.md, "GPU"): MFU of the training step of 125M, 350M
+# and 1.4B (bf16, cuDNN attention) with AdamW, then with Muon while time is left. One command, so a
+# lent machine's minutes go to measuring. Results (tables, JSON lines, the machine's versions) go
+# to $OUT where that is set (the device tool's result folder), else runs/gpu.
+#
+#   bash benchmarks/gpu_run.sh fetch   # here, with network: wheels the GPU image lacks -> .whl/
+#   bash benchmarks/gpu_run.sh         # there: installs .whl/*.whl (if any) into /tmp/site, runs
+#   bash benchmarks/gpu_run.sh --set train.batch_size=64   # arguments go to both gpu_mfu.py runs
+#
+# The lent H200's image (no network) has jax (0.11), flax, optax and orbax-checkpoint but not
+# ml-collections, which `fetch` downloads (a pure-Python wheel) for the run to carry. On a machine
+# where `pip install -e ".[cuda]"` worked, plain `bash benchmarks/gpu_run.sh` needs nothing else.
+# BUDGET (seconds, default 500) bounds the whole run: the Muon part gets what AdamW left.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == fetch ]]; then
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl ml-collections==1.1.0
+fi
+
+out=${OUT:-runs/gpu}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+budget=${BUDGET:-500}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c 'import jax, flax, optax, orbax.checkpoint as o; print("jax", jax.__version__,
+    "flax", flax.__version__, "optax", optax.__version__, "orbax", o.__version__, jax.devices())'
+} 2>&1 | tee "$out/env.txt"
+
+python3 benchmarks/gpu_mfu.py --sizes=125m,350m,1.4b --json="$out/gpu_mfu.jsonl" --timeout=240 \
+  "$@" 2>&1 | tee "$out/adamw.md"
+left=$((budget - SECONDS))
+if ((left > 90)); then
+  timeout "$left" python3 benchmarks/gpu_mfu.py --sizes=125m,350m,1.4b --optimizers=muon \
+    --json="$out/gpu_mfu.jsonl" --timeout=240 "$@" 2>&1 | tee "$out/muon.md"
+fi
+echo "done in ${SECONDS} s"
