@@ -7,7 +7,8 @@ jaxtrain falls back to what XLA does by itself.
   (jaxtrain/host_malloc.py).
 - jaxtrain/csrc/cpu_gemm.cc: an XLA FFI handler that runs fp32 matrix products through OpenBLAS
   on CPU (jaxtrain/cpu_gemm.py). It includes jaxlib's FFI headers, hence jaxlib in the build
-  requirements.
+  requirements (pyproject.toml pins the oldest jaxlib we support there: its headers fit every
+  newer jaxlib, while a handler built against newer headers than the runtime's is refused).
 """
 
 import os

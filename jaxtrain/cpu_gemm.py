@@ -61,7 +61,14 @@ def _load():
   # The handler splits every product over XLA's threads itself; OpenBLAS threads would compete.
   set_threads(1)
   set_sgemm(ctypes.cast(sgemm, ctypes.c_void_p))
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+  try:
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+  except jax.errors.JaxRuntimeError as e:
+    # XLA refuses a handler built against newer FFI headers than its own (pyproject.toml builds
+    # against jaxlib 0.7.2's, which every jaxlib we support accepts; a build without isolation
+    # takes the installed jaxlib's).
+    return (f"{path} does not fit this jaxlib {jax.lib.__version__} ({str(e).splitlines()[0]}); "
+            "reinstall jaxtrain")
   return None
 
 

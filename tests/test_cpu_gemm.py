@@ -131,6 +131,26 @@ def test_without_the_library_auto_falls_back_and_blas_says_why(monkeypatch):
     cpu_gemm.resolve("blas", jnp.float32)
 
 
+def test_a_handler_this_jaxlib_refuses_is_a_reason_not_a_crash(monkeypatch):
+  # What jaxlib 0.11.2 said of a handler built against a newer jaxlib's FFI headers.
+  refusal = jax.errors.JaxRuntimeError(
+      "INVALID_ARGUMENT: XLA FFI handler registration for jaxtrain_cpu_gemm on platform Host "
+      "failed because the handler's API version (0.5) is incompatible with the framework's API "
+      "version (0.4).\nmore detail")
+
+  def refuse(*args, **kwargs):
+    raise refusal
+
+  monkeypatch.setattr(jax.ffi, "register_ffi_target", refuse)
+  if cpu_gemm.host_malloc.built_library("_cpu_gemm") is None:
+    pytest.skip("jaxtrain/_cpu_gemm is not built here")
+  reason = cpu_gemm._load.__wrapped__()  # Uncached: the registered handler stays as it is.
+  assert reason.endswith("does not fit this jaxlib {} (INVALID_ARGUMENT: XLA FFI handler "
+                         "registration for jaxtrain_cpu_gemm on platform Host failed because the "
+                         "handler's API version (0.5) is incompatible with the framework's API "
+                         "version (0.4).); reinstall jaxtrain".format(jax.lib.__version__))
+
+
 SMALL = model_lib.ModelConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2,
                               d_ff=80, max_seq_len=64)
 
