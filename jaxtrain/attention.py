@@ -15,6 +15,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from jaxtrain import cpu_gemm
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu")
 
 # Query rows per block of the `cpu` implementation (see `blocked_causal_attention`). For the 35M
@@ -63,8 +65,8 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
   K = k_BSKH.shape[2]
   G = N // K
   q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
-  scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
-                            preferred_element_type=jnp.float32)
+  scores_BKGTS = cpu_gemm.xla_einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                                     preferred_element_type=jnp.float32)
   scores_BKGTS = scores_BKGTS * (H ** -0.5)
   scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
   probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)

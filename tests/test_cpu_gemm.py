@@ -126,7 +126,7 @@ def test_resolve_follows_backend_dtype_and_mesh():
 def test_without_the_library_auto_falls_back_and_blas_says_why(monkeypatch):
   monkeypatch.setattr(cpu_gemm, "unavailable_reason", lambda: "jaxtrain/_cpu_gemm was not built")
   assert cpu_gemm.resolve("auto", jnp.float32) == "xla"
-  assert cpu_gemm.einsum_for("auto", jnp.float32) is jnp.einsum
+  assert cpu_gemm.einsum_for("auto", jnp.float32) is cpu_gemm.xla_einsum
   with pytest.raises(UserError, match="model.matmul=blas cannot run: jaxtrain/_cpu_gemm was not"):
     cpu_gemm.resolve("blas", jnp.float32)
 
@@ -179,3 +179,16 @@ def test_dots_remat_policy_keeps_xla_dots_under_auto():
   assert model_lib.matmul_choice(dataclasses.replace(SMALL, remat="dots")) == "xla"
   assert model_lib.matmul_choice(dataclasses.replace(SMALL, remat="dots", matmul="blas")) == "blas"
   assert model_lib.matmul_choice(SMALL) == "auto"
+
+
+def test_xla_einsum_upcasts_low_precision_operands_for_a_float32_result_on_cpu():
+  a, b = _normal(0, (2, 8, 16)).astype(jnp.bfloat16), _normal(1, (2, 8, 12)).astype(jnp.bfloat16)
+  f = lambda x, y: cpu_gemm.xla_einsum("btd,btf->df", x, y, preferred_element_type=jnp.float32)
+  dots = [e for e in jax.make_jaxpr(f)(a, b).eqns if e.primitive.name == "dot_general"]
+  assert [v.aval.dtype for v in dots[0].invars] == [jnp.float32, jnp.float32]
+  expected = jnp.einsum("btd,btf->df", a.astype(jnp.float32), b.astype(jnp.float32))
+  np.testing.assert_array_equal(jax.jit(f)(a, b), expected)
+  # A bf16 result is left to XLA as it is.
+  g = lambda x, y: cpu_gemm.xla_einsum("btd,btf->df", x, y)
+  dots = [e for e in jax.make_jaxpr(g)(a, b).eqns if e.primitive.name == "dot_general"]
+  assert [v.aval.dtype for v in dots[0].invars] == [jnp.bfloat16, jnp.bfloat16]

@@ -65,3 +65,19 @@ def test_dry_run_on_cpu_reports_the_step_it_timed(tmp_path, capsys, monkeypatch)
                      "--set", "model.n_heads=7"])
   assert rc == 1
   assert "| toy | adamw | failed: " in capsys.readouterr().out
+
+
+def test_the_gpu_preset_runs_on_cpu_in_bf16(tmp_path, monkeypatch):
+  # The h200 preset (bf16 compute, cuDNN attention falling back to XLA's here) on CPU: XLA:CPU
+  # has no unfused BF16 x BF16 = F32 dot, so this failed before cpu_gemm.xla_einsum.
+  monkeypatch.setenv("XLA_FLAGS", "")
+  out = tmp_path / "r.jsonl"
+  rc = gpu_mfu.main(["--sizes=toy", "--hardware=h200", "--steps=1", "--rounds=1", f"--json={out}",
+                     "--set", "model.n_layers=1", "--set", "data.seq_len=64",
+                     "--set", "train.batch_size=2"])
+  assert rc == 0
+  (r,) = [json.loads(line) for line in out.read_text().splitlines()]
+  assert (r["hardware"], r["dtype"], r["attention"], r["remat"]) == ("h200", "bfloat16", "cudnn",
+                                                                     "none")
+  assert math.isclose(r["first_loss"], math.log(4096), rel_tol=0.05)
+  assert r["last_loss"] < r["first_loss"]
