@@ -229,7 +229,8 @@ def xla_einsum(spec, a, b, *, preferred_element_type=None):
   """`jnp.einsum(spec, a, b)` (XLA's dot), except that on the CPU backend bf16 or f16 operands
   asked for a float32 result are upcast first: XLA:CPU's unfused dot has no BF16 x BF16 = F32
   kernel (jaxlib 0.10 and 0.11 fail at run time: "Unsupported element type for DotThunk"), and
-  it decides which dots it fuses by their layouts. Elsewhere (GPUs) nothing changes."""
+  whether it fuses a dot depends on the dot's context (the bf16 training step had one it did not
+  fuse). Elsewhere (GPUs) nothing changes."""
   if (preferred_element_type == jnp.float32 and jax.default_backend() == "cpu"
       and (a.dtype != jnp.float32 or b.dtype != jnp.float32)):
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
