@@ -154,7 +154,8 @@ def _blocked_causal_bwd(block, einsum, residuals, do_BKTGH):
 _blocked_causal.defvjp(_blocked_causal_fwd, _blocked_causal_bwd)
 
 
-def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, block=CPU_BLOCK, einsum=jnp.einsum):
+def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, block=CPU_BLOCK,
+                             einsum=cpu_gemm.xla_einsum):
   """Causal self-attention that skips the masked upper triangle, for XLA:CPU.
 
   On CPU the step is bound by how many FLOPs and bytes its few large ops move (jax#26145), and
@@ -166,7 +167,7 @@ def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, block=CPU_BLOCK, einsum=jnp
   and the contraction dim minor, which XLA:CPU runs without copies. Grouped query heads are
   folded into the rows of each kv head ([B, K, T, G, H]), never repeated. The backward
   recomputes probabilities from the log-sum-exp (flash-attention style), which on CPU is
-  cheaper than writing and re-reading stacked T x T probabilities. `einsum`: jnp.einsum, or
+  cheaper than writing and re-reading stacked T x T probabilities. `einsum`: XLA's dot, or
   jaxtrain.cpu_gemm's (OpenBLAS; `model.matmul`), which runs these batched small products
   1.1-1.6x faster than XLA:CPU on our 2-core machine (benchmarks/cpu_gemm.py, docs/benchmarks.md).
   """
@@ -190,7 +191,7 @@ def causal_mask(q_positions_BT, kv_positions_BS, kv_valid_BS=None):
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, *, impl="auto", q_positions_BT=None, kv_positions_BS=None,
-              kv_valid_BS=None, einsum=jnp.einsum):
+              kv_valid_BS=None, einsum=cpu_gemm.xla_einsum):
   """Causal attention of queries over keys/values; N must be a multiple of K (GQA).
 
   Without positions, queries and keys are the same sequence (training and prefill). With

@@ -253,15 +253,15 @@ def matmul_choice(c: ModelConfig):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def project_heads(x_BTD, w_DMH, einsum=jnp.einsum):
+def project_heads(x_BTD, w_DMH, einsum=cpu_gemm.xla_einsum):
   """x @ w into heads: [B, T, D] x [D, M, H] -> [B, T, M, H], with the backward XLA:CPU likes.
 
   Under autodiff XLA:CPU computes the weight gradient as [M*H, D], from a transposed copy of the
   large output gradient [B*T, M*H], and writes that gradient (the concatenation of the q, k and v
   gradients) twice, once per consumer. Asked for as [D, M*H] it transposes the smaller x
   [B*T, D] instead and writes the gradient once: the 35M step on CPU is ~5% faster
-  (docs/benchmarks.md). Same math; for GPUs the layout is free either way. `einsum`: jnp.einsum
-  or `cpu_gemm.einsum` (`model.matmul`).
+  (docs/benchmarks.md). Same math; for GPUs the layout is free either way. `einsum`:
+  `cpu_gemm.xla_einsum` or `cpu_gemm.einsum` (`model.matmul`).
   """
   return einsum("btd,dmh->btmh", x_BTD, w_DMH)
 
@@ -328,7 +328,7 @@ class Attention(nnx.Module):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def swiglu(x_BTD, w_gate_DF, w_up_DF, w_down_FD, einsum=jnp.einsum):
+def swiglu(x_BTD, w_gate_DF, w_up_DF, w_down_FD, einsum=cpu_gemm.xla_einsum):
   """silu(x @ w_gate) * (x @ w_up) @ w_down, with gate and up as one GEMM and a lean backward.
 
   Autodiff of the three einsums saves four [B, T, F] activations per layer (gate, up, silu(gate)
@@ -336,7 +336,8 @@ def swiglu(x_BTD, w_gate_DF, w_up_DF, w_down_FD, einsum=jnp.einsum):
   only x and the joint [B, T, 2F] gate/up output, the backward recomputes the cheap elementwise
   parts, and the gate and up gradients travel as one [B, T, 2F] tensor, so each of their input
   and weight gradients is a single GEMM. Fewer bytes written per layer and fewer, larger matmuls:
-  what XLA:CPU rewards (and no worse for GPUs). `einsum`: jnp.einsum or `cpu_gemm.einsum`.
+  what XLA:CPU rewards (and no worse for GPUs). `einsum`: `cpu_gemm.xla_einsum` or
+  `cpu_gemm.einsum`.
   """
   return _swiglu_fwd(x_BTD, w_gate_DF, w_up_DF, w_down_FD, einsum)[0]
 

@@ -103,12 +103,14 @@ def ns_coefficients(ns_coeffs='standard', ns_steps: int = 5) -> tuple[np.ndarray
   return rows, 1.0
 
 
-def _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype, einsum=jnp.einsum):
+def _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype,
+                        einsum=cpu_gemm.xla_einsum):
   """NS on a stack of matrices with M <= N (so the Gram matrix X X^T is the small one).
 
   Input and output are fp32; only the loop runs in ns_dtype, so a bf16 loop still starts from an
-  fp32 norm and hands fp32 back to the momentum/decay arithmetic. `einsum`: jnp.einsum, or
-  jaxtrain.cpu_gemm's OpenBLAS products on CPU (`matmul` of `scale_by_muon`).
+  fp32 norm and hands fp32 back to the momentum/decay arithmetic. `einsum`: XLA's dot
+  (`cpu_gemm.xla_einsum`), or jaxtrain.cpu_gemm's OpenBLAS products on CPU (`matmul` of
+  `scale_by_muon`).
   """
   x_BMN = x_BMN.astype(jnp.float32)
   norm_B11 = jnp.sqrt(jnp.sum(jnp.square(x_BMN), axis=(-2, -1), keepdims=True))
