@@ -129,11 +129,6 @@ COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "info"
 
 
 def main(argv=None):
-  if argv is None and os.path.basename(sys.argv[0]) in ("jaxtrain", "cli.py"):
-    # The `jaxtrain` program itself (not a notebook calling main()): before JAX is imported,
-    # restart once with huge pages and the block cache for XLA's buffers (jaxtrain/host_malloc.py).
-    from jaxtrain import host_malloc  # pylint: disable=import-outside-toplevel
-    host_malloc.reexec()
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ("-h", "--help", "help"):
     if not argv:

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxtrain import attention as attention_lib
-from jaxtrain import cpu_gemm
+from jaxtrain import ops, sharding
 from jaxtrain.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -51,8 +52,6 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention: str = "auto"
-  # Matrix products: `xla`, `blas` (OpenBLAS on CPU, jaxtrain/cpu_gemm.py) or `auto`.
-  matmul: str = "auto"
   remat: str = "none"
   scan_layers: bool = True
   init_std: float = 0.02
@@ -97,8 +96,6 @@ class ModelConfig:
     if self.attention not in attention_lib.IMPLEMENTATIONS:
       raise UserError(f"model.attention={self.attention!r} is not one of "
                       f"{attention_lib.IMPLEMENTATIONS}")
-    if self.matmul not in cpu_gemm.IMPLEMENTATIONS:
-      raise UserError(f"model.matmul={self.matmul!r} is not one of {cpu_gemm.IMPLEMENTATIONS}")
     if self.remat not in REMAT_POLICIES:
       raise UserError(f"model.remat={self.remat!r} is not one of {REMAT_POLICIES}")
     if self.rope_theta <= 0:
@@ -246,44 +243,11 @@ def apply_rope(x_BTNH, positions_BT, inv_freq_h):
   return rotate(x_BTNH, *rope_tables(positions_BT, inv_freq_h))
 
 
-def matmul_choice(c: ModelConfig):
-  """`model.matmul` as the blocks use it: under the `dots` remat policy `auto` means XLA's dots
-  (that policy saves dot outputs; a custom call's output would be recomputed instead)."""
-  return "xla" if c.matmul == "auto" and c.remat == "dots" else c.matmul
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def project_heads(x_BTD, w_DMH, einsum=cpu_gemm.xla_einsum):
-  """x @ w into heads: [B, T, D] x [D, M, H] -> [B, T, M, H], with the backward XLA:CPU likes.
-
-  Under autodiff XLA:CPU computes the weight gradient as [M*H, D], from a transposed copy of the
-  large output gradient [B*T, M*H], and writes that gradient (the concatenation of the q, k and v
-  gradients) twice, once per consumer. Asked for as [D, M*H] it transposes the smaller x
-  [B*T, D] instead and writes the gradient once: the 35M step on CPU is ~5% faster
-  (docs/benchmarks.md). Same math; for GPUs the layout is free either way. `einsum`:
-  `cpu_gemm.xla_einsum` or `cpu_gemm.einsum` (`model.matmul`).
-  """
-  return einsum("btd,dmh->btmh", x_BTD, w_DMH)
-
-
-def _project_heads_fwd(x_BTD, w_DMH, einsum):
-  return project_heads(x_BTD, w_DMH, einsum), (x_BTD, w_DMH)
-
-
-def _project_heads_bwd(einsum, residuals, dy_BTMH):
-  x_BTD, w_DMH = residuals
-  B, T, M, H = dy_BTMH.shape
-  D = x_BTD.shape[-1]
-  # (m, h) merged into one contraction dim: left as two, XLA:CPU reordered them to (h, m) for
-  # the input gradient, a transposed copy of dy.
-  dy_BTK = dy_BTMH.reshape(B, T, M * H)
-  w_DK = w_DMH.reshape(D, M * H)
-  dx_BTD = einsum("btk,dk->btd", dy_BTK, w_DK)
-  dw_DK = einsum("btd,btk->dk", x_BTD, dy_BTK, preferred_element_type=jnp.float32)
-  return dx_BTD, dw_DK.reshape(D, M, H).astype(w_DMH.dtype)
-
-
-project_heads.defvjp(_project_heads_fwd, _project_heads_bwd)
+# Names of the activations that the `dots` remat policy saves (`jax.ad_checkpoint.checkpoint_name`):
+# every matmul output and the attention output, so the backward recomputes only elementwise work.
+SAVED_BY_DOTS = ("q_proj", "k_proj", "v_proj", "attention", "o_proj", "mlp_gate", "mlp_up",
+                 "mlp_down")
+_name = checkpoint_name
 
 
 class Attention(nnx.Module):
@@ -297,26 +261,21 @@ class Attention(nnx.Module):
     self.wk = _param(rngs, (layers, D, K, H), std, pd, ("layers", "embed", "kv_heads", "head_dim"))
     self.wv = _param(rngs, (layers, D, K, H), std, pd, ("layers", "embed", "kv_heads", "head_dim"))
     self.wo = _param(rngs, (layers, N, H, D), out_std, pd, ("layers", "heads", "head_dim", "embed"))
-    # `project_heads` has a hand-written backward; under the `dots` remat policy plain autodiff.
-    self.fused_backward = c.remat != "dots"
-    self.matmul = matmul_choice(c)
 
   def __call__(self, x_BTD, positions_BT, rope, impl, kv_cache=None):
     dt = x_BTD.dtype
-    einsum = cpu_gemm.einsum_for(self.matmul, dt)
-    wq_DNH, wk_DKH, wv_DKH = (w[...].astype(dt) for w in (self.wq, self.wk, self.wv))
-    # One GEMM for q, k and v: fewer, larger matmuls (and one weight-gradient matmul).
-    N, K = wq_DNH.shape[1], wk_DKH.shape[1]
-    w_DMH = jnp.concatenate([wq_DNH, wk_DKH, wv_DKH], axis=1)
-    if self.fused_backward:
-      qkv_BTMH = project_heads(x_BTD, w_DMH, einsum)
-    else:
-      qkv_BTMH = einsum("btd,dmh->btmh", x_BTD, w_DMH)
-    q_BTNH, k_BTKH, v_BTKH = jnp.split(qkv_BTMH, [N, N + K], axis=2)
-    q_BTNH = rotate(q_BTNH, *rope)
-    k_BTKH = rotate(k_BTKH, *rope)
+    heads = ("batch", "seq", "heads", "head_dim")
+    kv_heads = ("batch", "seq", "kv_heads", "head_dim")
+
+    def project(w, name, axes):
+      y = jnp.einsum("btd,dnh->btnh", x_BTD, w[...].astype(dt))
+      return sharding.constrain(_name(y, name), axes)
+
+    q_BTNH = rotate(project(self.wq, "q_proj", heads), *rope)
+    k_BTKH = rotate(project(self.wk, "k_proj", kv_heads), *rope)
+    v_BTKH = project(self.wv, "v_proj", kv_heads)
     if kv_cache is None:
-      out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, impl=impl, einsum=einsum)
+      out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, impl=impl)
       new_cache = None
     else:
       new_cache = kv_cache.update(k_BTKH, v_BTKH, positions_BT)
@@ -324,56 +283,9 @@ class Attention(nnx.Module):
           q_BTNH, new_cache.k_BSKH.astype(dt), new_cache.v_BSKH.astype(dt), impl=impl,
           q_positions_BT=positions_BT, kv_positions_BS=new_cache.positions_BS,
           kv_valid_BS=new_cache.positions_BS >= 0)
-    return einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dt)), new_cache
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def swiglu(x_BTD, w_gate_DF, w_up_DF, w_down_FD, einsum=cpu_gemm.xla_einsum):
-  """silu(x @ w_gate) * (x @ w_up) @ w_down, with gate and up as one GEMM and a lean backward.
-
-  Autodiff of the three einsums saves four [B, T, F] activations per layer (gate, up, silu(gate)
-  and the product) and runs five separate weight/input-gradient matmuls; here the forward saves
-  only x and the joint [B, T, 2F] gate/up output, the backward recomputes the cheap elementwise
-  parts, and the gate and up gradients travel as one [B, T, 2F] tensor, so each of their input
-  and weight gradients is a single GEMM. Fewer bytes written per layer and fewer, larger matmuls:
-  what XLA:CPU rewards (and no worse for GPUs). `einsum`: `cpu_gemm.xla_einsum` or
-  `cpu_gemm.einsum`.
-  """
-  return _swiglu_fwd(x_BTD, w_gate_DF, w_up_DF, w_down_FD, einsum)[0]
-
-
-def _swiglu_fwd(x_BTD, w_gate_DF, w_up_DF, w_down_FD, einsum):
-  w_DG = jnp.concatenate([w_gate_DF, w_up_DF], axis=1)
-  gu_BTG = einsum("btd,dg->btg", x_BTD, w_DG)
-  gate_BTF, up_BTF = jnp.split(gu_BTG, 2, axis=-1)
-  h_BTF = jax.nn.silu(gate_BTF) * up_BTF
-  y_BTD = einsum("btf,fd->btd", h_BTF, w_down_FD)
-  return y_BTD, (x_BTD, gu_BTG, w_gate_DF, w_up_DF, w_down_FD)
-
-
-def _swiglu_bwd(einsum, residuals, dy_BTD):
-  x_BTD, gu_BTG, w_gate_DF, w_up_DF, w_down_FD = residuals
-  dt = x_BTD.dtype
-  gate_BTF, up_BTF = (a.astype(jnp.float32) for a in jnp.split(gu_BTG, 2, axis=-1))
-  sig_BTF = jax.nn.sigmoid(gate_BTF)
-  silu_BTF = gate_BTF * sig_BTF
-  h_BTF = (silu_BTF * up_BTF).astype(dt)
-  # Weight gradients contract over B*T, so XLA:CPU transposes one operand; asked for as [D, F]
-  # it transposes the small dy [B*T, D], not h [B*T, F], and then only the small result.
-  dw_down_FD = einsum("btd,btf->df", dy_BTD, h_BTF, preferred_element_type=jnp.float32).T
-  dh_BTF = einsum("btd,fd->btf", dy_BTD, w_down_FD, preferred_element_type=jnp.float32)
-  dgate_BTF = dh_BTF * up_BTF * (sig_BTF * (1 + gate_BTF * (1 - sig_BTF)))
-  dup_BTF = dh_BTF * silu_BTF
-  dgu_BTG = jnp.concatenate([dgate_BTF, dup_BTF], axis=-1).astype(dt)
-  w_DG = jnp.concatenate([w_gate_DF, w_up_DF], axis=1)
-  dx_BTD = einsum("btg,dg->btd", dgu_BTG, w_DG).astype(dt)
-  dw_DG = einsum("btd,btg->dg", x_BTD, dgu_BTG, preferred_element_type=jnp.float32)
-  dw_gate_DF, dw_up_DF = jnp.split(dw_DG, 2, axis=1)
-  return (dx_BTD, dw_gate_DF.astype(w_gate_DF.dtype), dw_up_DF.astype(w_up_DF.dtype),
-          dw_down_FD.astype(w_down_FD.dtype))
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+    out_BTNH = sharding.constrain(_name(out_BTNH, "attention"), heads)
+    y_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dt))
+    return _name(y_BTD, "o_proj"), new_cache
 
 
 class MLP(nnx.Module):
@@ -385,20 +297,18 @@ class MLP(nnx.Module):
     self.w_gate = _param(rngs, (layers, D, F), c.init_std, pd, ("layers", "embed", "mlp"))
     self.w_up = _param(rngs, (layers, D, F), c.init_std, pd, ("layers", "embed", "mlp"))
     self.w_down = _param(rngs, (layers, F, D), out_std, pd, ("layers", "mlp", "embed"))
-    # The hand-written backward of `swiglu` saves only x and the gate/up pre-activations; under
-    # the `dots` remat policy (save matmul outputs, recompute the rest) plain autodiff fits better.
-    self.fused_backward = c.remat != "dots"
-    self.matmul = matmul_choice(c)
 
   def __call__(self, x_BTD):
+    """SwiGLU: silu(x @ w_gate) * (x @ w_up) @ w_down."""
     dt = x_BTD.dtype
-    einsum = cpu_gemm.einsum_for(self.matmul, dt)
-    w_gate, w_up, w_down = (w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down))
-    if self.fused_backward:
-      return swiglu(x_BTD, w_gate, w_up, w_down, einsum)
-    gate_BTF = einsum("btd,df->btf", x_BTD, w_gate)
-    up_BTF = einsum("btd,df->btf", x_BTD, w_up)
-    return einsum("btf,fd->btd", jax.nn.silu(gate_BTF) * up_BTF, w_down)
+    hidden = ("batch", "seq", "mlp")
+
+    def project(w, name):
+      y_BTF = jnp.einsum("btd,df->btf", x_BTD, w[...].astype(dt))
+      return sharding.constrain(_name(y_BTF, name), hidden)
+
+    h_BTF = jax.nn.silu(project(self.w_gate, "mlp_gate")) * project(self.w_up, "mlp_up")
+    return _name(jnp.einsum("btf,fd->btd", h_BTF, self.w_down[...].astype(dt)), "mlp_down")
 
 
 class Blocks(nnx.Module):
@@ -418,9 +328,10 @@ class Blocks(nnx.Module):
 
   def layer(self, x_BTD, positions_BT, rope, impl, kv_cache=None):
     """One block; `self` holds a single layer's parameters here. `rope`: (cos, sin) tables."""
+    residual = ("batch", "seq", "embed")
     h_BTD, new_cache = self.attn(self.attn_norm(x_BTD), positions_BT, rope, impl, kv_cache)
-    x_BTD = x_BTD + h_BTD
-    x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    x_BTD = sharding.constrain(x_BTD + h_BTD, residual)
+    x_BTD = sharding.constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), residual)
     return x_BTD, new_cache
 
 
@@ -429,7 +340,7 @@ def _remat(fn, policy):
     return fn
   if policy == "full":
     return jax.checkpoint(fn)
-  return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*SAVED_BY_DOTS))
 
 
 class Llama(nnx.Module):
@@ -463,7 +374,7 @@ class Llama(nnx.Module):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     rope = rope_tables(positions_BT, jnp.asarray(rope_frequencies(c)))
-    x_BTD = self.embed(tokens_BT).astype(dt)
+    x_BTD = sharding.constrain(self.embed(tokens_BT).astype(dt), ("batch", "seq", "embed"))
     graphdef, stacked = nnx.split(self.blocks)
 
     def body(x_BTD, layer_state, kv_cache):
@@ -492,8 +403,7 @@ class Llama(nnx.Module):
   def logits(self, x_BTD):
     """fp32 logits from hidden states: the matmul accumulates and returns fp32."""
     w_DV = self.head_kernel().astype(x_BTD.dtype)
-    einsum = cpu_gemm.einsum_for(matmul_choice(self.config), x_BTD.dtype)
-    return einsum("btd,dv->btv", x_BTD, w_DV, preferred_element_type=jnp.float32)
+    return ops.einsum("btd,dv->btv", x_BTD, w_DV, preferred_element_type=jnp.float32)
 
   def __call__(self, tokens_BT):
     return self.logits(self.hidden_states(tokens_BT))
@@ -527,10 +437,12 @@ class KVCache:
 def create(c: ModelConfig, seed: int = 0) -> Llama:
   """A freshly initialised model (under `jax.jit` with out_shardings it is created sharded).
 
-  The key uses the `rbg` generator: its init compiles about 3x faster than threefry on CPU and
-  gives the same values on every mesh (tests/test_train.py checks sharded == one device).
+  The key is JAX's default threefry, which is partitionable (`jax_threefry_partitionable`, on by
+  default since JAX 0.5): each device generates only its own shard of every parameter, and the
+  values are the same on every mesh (tests/test_train.py checks sharded == one device). `rbg`
+  keys are not partitionable: on 8 devices each did 4x its share of the work.
   """
-  return Llama(c, rngs=nnx.Rngs(params=jax.random.key(seed, impl="rbg")))
+  return Llama(c, rngs=nnx.Rngs(params=jax.random.key(seed)))
 
 
 def abstract_model(c: ModelConfig) -> Llama:

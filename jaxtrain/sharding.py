@@ -28,6 +28,10 @@ RULES = {
     "norm": None,
 }
 
+# Activations: rows over the batch axes, model width replicated (never `fsdp`: that axis splits
+# the weights' embed dim, and GSPMD would follow it into the activations and repeat work).
+ACTIVATION_RULES = {**RULES, "embed": None, "seq": None}
+
 
 def mesh_shape(mesh_cfg, num_devices):
   """Resolve -1 (the rest of the devices) and check the product; errors name `mesh.*`."""
@@ -71,6 +75,9 @@ def logical_to_spec(axes, shape, mesh, rules=RULES):
   two logical axes mapped to the same mesh axis are rejected (that would be a silent bug)."""
   spec, used = [], set()
   for name, size in zip(axes, shape):
+    if name is None:
+      spec.append(None)
+      continue
     if name not in rules:
       raise ValueError(f"logical axis {name!r} has no sharding rule")
     target = rules[name]
@@ -85,6 +92,29 @@ def logical_to_spec(axes, shape, mesh, rules=RULES):
     else:
       spec.append(targets[0] if len(targets) == 1 else targets)
   return P(*spec)
+
+
+def constrain(x, axes):
+  """Pin an activation to the mesh in context (`jax.set_mesh`) by logical axis names.
+
+  Without a mesh, or on one device, it does nothing, so model code can call it everywhere. These
+  constraints keep the batch split over (data, fsdp) at block boundaries, in the layer scan, the
+  loss chunks and the gradient accumulator; without them GSPMD follows the fsdp-sharded weights
+  into the activations and every device repeats most of the work (tests/test_sharding.py).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, logical_to_spec(axes, x.shape, mesh, ACTIVATION_RULES))
+
+
+def batch_axes_size(mesh=None):
+  """Devices the batch is split over (data x fsdp) on `mesh` or the mesh in context; 1 without."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if mesh.empty:
+    return 1
+  return math.prod(mesh.shape.get(a, 1) for a in RULES["batch"])
 
 
 def param_shardings(axes_tree, abstract_params, mesh):
@@ -104,4 +134,4 @@ def replicated(mesh):
 
 
 def data_parallel_size(mesh):
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+  return batch_axes_size(mesh)

@@ -23,8 +23,7 @@ from flax import nnx
 
 from jaxtrain import checkpoint as checkpoint_lib
 from jaxtrain import config as config_lib
-from jaxtrain import cpu_gemm
-from jaxtrain import hardware, metrics as metrics_lib, model as model_lib, optim, sharding
+from jaxtrain import hardware, metrics as metrics_lib, model as model_lib, ops, optim, sharding
 from jaxtrain.errors import UserError
 
 
@@ -41,7 +40,9 @@ class TrainState:
 
 
 def _auto_chunk(B, T, V, budget_bytes=64 * 2 ** 20):
-  """Sequence positions per loss chunk so that one chunk's fp32 logits stay under the budget."""
+  """Sequence positions per loss chunk so that one chunk's fp32 logits stay under the budget.
+
+  B and V are what one device holds (rows of its batch shard, its slice of the vocabulary)."""
   if B * T * V * 4 <= budget_bytes:
     return T
   chunk = max(1, budget_bytes // (B * V * 4))
@@ -73,24 +74,26 @@ def _chunked(fn, chunk, *arrays_BT):
   return total, jax.tree.map(join, outs)
 
 
-def _chunk_logits(h_BCD, w_DV, t_BC, einsum):
+def _chunk_logits(h_BCD, w_DV, t_BC):
   """fp32 logits of one chunk, their log-sum-exp and the logits of the targets."""
-  logits_BCV = einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
+  h_BCD = sharding.constrain(h_BCD, ("batch", "seq", "embed"))
+  logits_BCV = ops.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
+  logits_BCV = sharding.constrain(logits_BCV, ("batch", "seq", "vocab"))
   lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
   target_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
   return logits_BCV, lse_BC, target_BC
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _linear_cross_entropy(h_BTD, w_DV, targets_BT, mask_BT, chunk, einsum):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _linear_cross_entropy(h_BTD, w_DV, targets_BT, mask_BT, chunk):
   def one(h_BCD, t_BC, m_BC):
-    _, lse_BC, target_BC = _chunk_logits(h_BCD, w_DV, t_BC, einsum)
+    _, lse_BC, target_BC = _chunk_logits(h_BCD, w_DV, t_BC)
     return jnp.sum((lse_BC - target_BC) * m_BC), None
 
   return _chunked(one, chunk, h_BTD, targets_BT, mask_BT)[0]
 
 
-def _linear_cross_entropy_fwd(h_BTD, w_DV, targets_BT, mask_BT, chunk, einsum):
+def _linear_cross_entropy_fwd(h_BTD, w_DV, targets_BT, mask_BT, chunk):
   """Loss and its gradients in one pass: d loss / d logits = softmax - one_hot(target) is known
   as soon as a chunk's logits are, so each chunk's logits are used once and dropped. Compared
   with recomputing them in the backward pass (jax.checkpoint) this saves one of the four
@@ -98,22 +101,22 @@ def _linear_cross_entropy_fwd(h_BTD, w_DV, targets_BT, mask_BT, chunk, einsum):
   V = w_DV.shape[1]
 
   def one(h_BCD, t_BC, m_BC):
-    logits_BCV, lse_BC, target_BC = _chunk_logits(h_BCD, w_DV, t_BC, einsum)
+    logits_BCV, lse_BC, target_BC = _chunk_logits(h_BCD, w_DV, t_BC)
     loss_BC = lse_BC - target_BC
     onehot_BCV = t_BC[..., None] == jnp.arange(V, dtype=t_BC.dtype)
     dlogits_BCV = ((jnp.exp(logits_BCV - lse_BC[..., None]) - onehot_BCV)
                    * m_BC[..., None]).astype(h_BCD.dtype)
-    dh_BCD = einsum("bcv,dv->bcd", dlogits_BCV, w_DV,
-                    preferred_element_type=jnp.float32).astype(h_BCD.dtype)
-    dw_DV = einsum("bcd,bcv->dv", h_BCD, dlogits_BCV, preferred_element_type=jnp.float32)
+    dh_BCD = ops.einsum("bcv,dv->bcd", dlogits_BCV, w_DV,
+                        preferred_element_type=jnp.float32).astype(h_BCD.dtype)
+    dw_DV = ops.einsum("bcd,bcv->dv", h_BCD, dlogits_BCV, preferred_element_type=jnp.float32)
     return (jnp.sum(loss_BC * m_BC), dw_DV), (loss_BC, dh_BCD)
 
   (loss, dw_DV), (loss_BT, dh_BTD) = _chunked(one, chunk, h_BTD, targets_BT, mask_BT)
   return loss, (dh_BTD, dw_DV.astype(w_DV.dtype), loss_BT)
 
 
-def _linear_cross_entropy_bwd(chunk, einsum, residuals, g):
-  del chunk, einsum
+def _linear_cross_entropy_bwd(chunk, residuals, g):
+  del chunk
   dh_BTD, dw_DV, loss_BT = residuals
   return ((g * dh_BTD).astype(dh_BTD.dtype), (g * dw_DV).astype(dw_DV.dtype), None,
           g * loss_BT)
@@ -122,30 +125,30 @@ def _linear_cross_entropy_bwd(chunk, einsum, residuals, g):
 _linear_cross_entropy.defvjp(_linear_cross_entropy_fwd, _linear_cross_entropy_bwd)
 
 
-def cross_entropy_sum(h_BTD, w_DV, targets_BT, mask_BT=None, chunk=0, matmul="xla"):
+def cross_entropy_sum(h_BTD, w_DV, targets_BT, mask_BT=None, chunk=0):
   """Sum over positions of -log p(target), never holding more than one chunk of logits.
 
   The head matmul and the loss are one custom-VJP function (`_linear_cross_entropy_fwd`): under
   differentiation each chunk's gradients are computed right after its logits, so the [B, T, V]
   fp32 logits are never materialised for long sequences or large vocabularies, and never
-  recomputed either. `matmul`: `model.matmul` (XLA's dots, or OpenBLAS through
-  jaxtrain/cpu_gemm.py).
+  recomputed either. The automatic chunk is sized for what one device holds.
   """
   B, T, D = h_BTD.shape
   V = w_DV.shape[1]
   w_DV = w_DV.astype(h_BTD.dtype)
   mask_BT = (jnp.ones((B, T), jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32))
-  chunk = chunk or _auto_chunk(B, T, V)
-  einsum = cpu_gemm.einsum_for(matmul, h_BTD.dtype)
-  return _linear_cross_entropy(h_BTD, w_DV, targets_BT, mask_BT, chunk, einsum)
+  if not chunk:
+    mesh = jax.sharding.get_abstract_mesh()
+    vocab_split = 1 if mesh.empty else mesh.shape.get(sharding.RULES["vocab"], 1)
+    chunk = _auto_chunk(max(1, B // sharding.batch_axes_size()), T, max(1, V // vocab_split))
+  return _linear_cross_entropy(h_BTD, w_DV, targets_BT, mask_BT, chunk)
 
 
 def loss_sum_and_count(params, graphdef, batch, loss_chunk=0):
   model = nnx.merge(graphdef, params)
   h_BTD = model.hidden_states(batch["inputs"])
   mask_BT = batch.get("mask")
-  loss_sum = cross_entropy_sum(h_BTD, model.head_kernel(), batch["targets"], mask_BT, loss_chunk,
-                              model_lib.matmul_choice(model.config))
+  loss_sum = cross_entropy_sum(h_BTD, model.head_kernel(), batch["targets"], mask_BT, loss_chunk)
   count = (jnp.sum(mask_BT.astype(jnp.float32)) if mask_BT is not None
            else jnp.float32(batch["targets"].size))
   return loss_sum, count
@@ -241,25 +244,33 @@ def make_train_step(s: Setup):
     return loss_sum / count
 
   grad_fn = jax.value_and_grad(mean_loss)
+  param_shardings = s.state_shardings.params
+
+  def grads_of(params, batch):
+    if M == 1:
+      return grad_fn(params, batch)
+    # Microbatch m takes rows m, m+M, m+2M...: every device keeps its own rows (no resharding).
+    def split(a):
+      a = jnp.swapaxes(a.reshape(a.shape[0] // M, M, *a.shape[1:]), 0, 1)
+      return sharding.constrain(a, (None, "batch") + (None,) * (a.ndim - 2))
+    micro = jax.tree.map(split, batch)
+    # The accumulator lives where the params do (sharded under FSDP), never replicated.
+    accumulate = lambda acc: jax.lax.with_sharding_constraint(acc, param_shardings)
+    zeros = accumulate(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+
+    def body(carry, mb):
+      loss_acc, grad_acc = carry
+      loss, grads = grad_fn(params, mb)
+      return (loss_acc + loss, accumulate(jax.tree.map(jnp.add, grad_acc, grads))), None
+
+    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+    return loss / M, jax.tree.map(lambda g: g / M, grads)
 
   def train_step(state, batch):
-    if M == 1:
-      loss, grads = grad_fn(state.params, batch)
-    else:
-      # Microbatch m takes rows m, m+M, m+2M...: every device keeps its own rows (no resharding).
-      def split(a):
-        return jnp.swapaxes(a.reshape(a.shape[0] // M, M, *a.shape[1:]), 0, 1)
-      micro = jax.tree.map(split, batch)
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-
-      def body(carry, mb):
-        loss_acc, grad_acc = carry
-        loss, grads = grad_fn(state.params, mb)
-        return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grads)), None
-
-      (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
-      loss, grads = loss / M, jax.tree.map(lambda g: g / M, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    # The mesh in context is what the model's activation constraints read (sharding.constrain).
+    with jax.sharding.use_abstract_mesh(s.mesh.abstract_mesh):
+      loss, grads = grads_of(state.params, batch)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     metrics.update(optim.group_update_rms(updates, opt_cfg))
@@ -276,7 +287,8 @@ def make_eval_step(s: Setup):
   loss_chunk = s.config.train.loss_chunk
 
   def eval_step(params, batch):
-    loss_sum, count = loss_sum_and_count(params, graphdef, batch, loss_chunk)
+    with jax.sharding.use_abstract_mesh(s.mesh.abstract_mesh):
+      loss_sum, count = loss_sum_and_count(params, graphdef, batch, loss_chunk)
     return loss_sum, count, jnp.sum(batch["num_bytes"].astype(jnp.float32))
 
   return jax.jit(eval_step, in_shardings=(s.state_shardings.params, s.batch_sharding))

@@ -69,7 +69,7 @@ def test_dry_run_on_cpu_reports_the_step_it_timed(tmp_path, capsys, monkeypatch)
 
 def test_the_gpu_preset_runs_on_cpu_in_bf16(tmp_path, monkeypatch):
   # The h200 preset (bf16 compute, cuDNN attention falling back to XLA's here) on CPU: XLA:CPU
-  # has no unfused BF16 x BF16 = F32 dot, so this failed before cpu_gemm.xla_einsum.
+  # has no unfused BF16 x BF16 = F32 dot, so this failed before ops.einsum.
   monkeypatch.setenv("XLA_FLAGS", "")
   out = tmp_path / "r.jsonl"
   rc = gpu_mfu.main(["--sizes=toy", "--hardware=h200", "--steps=1", "--rounds=1", f"--json={out}",

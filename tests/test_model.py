@@ -163,7 +163,6 @@ def test_flops_per_token_follows_the_design_formula():
     (dict(dtype="float8"), "model.dtype"),
     (dict(attention="flash"), "model.attention"),
     (dict(remat="some"), "model.remat"),
-    (dict(matmul="mkl"), "model.matmul"),
     (dict(rope_theta=-1.0), "model.rope_theta"),
 ])
 def test_bad_model_config_is_a_one_line_error_naming_the_key(changes, key):

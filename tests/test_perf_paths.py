@@ -1,6 +1,5 @@
-"""The fast paths give the reference numbers: block-causal CPU attention, the SwiGLU, RMSNorm and
-fused linear cross-entropy custom VJPs, the fused q/k/v projection (`project_heads`); and `auto`
-picks the CPU attention on CPU."""
+"""The fast paths give the reference numbers: block-causal CPU attention, the RMSNorm and fused
+linear cross-entropy custom VJPs; and `auto` picks the CPU attention on CPU."""
 
 import dataclasses
 import functools
@@ -108,53 +107,6 @@ def test_model_with_cpu_paths_gives_the_reference_loss_and_gradients(changes):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref_grads), jax.tree.leaves(grads)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-4,
                                err_msg=jax.tree_util.keystr(path))
-
-
-def _swiglu_inputs(dtype):
-  D, F = 16, 24
-  x = _normal(0, (2, 5, D), dtype)
-  weights = [(_normal(i, s) * 0.3).astype(dtype) for i, s in ((1, (D, F)), (2, (D, F)), (3, (F, D)))]
-  return x, *weights, _normal(4, (2, 5, D), dtype)
-
-
-def _plain_swiglu(x, wg, wu, wd):
-  return jnp.einsum("btf,fd->btd", jax.nn.silu(x @ wg) * (x @ wu), wd)
-
-
-def test_swiglu_custom_vjp_matches_autodiff():
-  args = _swiglu_inputs(jnp.float32)
-  for a, b in zip(_outputs_and_grads(_plain_swiglu, *args),
-                  _outputs_and_grads(model_lib.swiglu, *args)):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
-
-
-def test_swiglu_custom_vjp_in_bfloat16_is_as_accurate_as_autodiff():
-  """Ours keeps the elementwise backward in fp32, so its error must not exceed bf16 autodiff's."""
-  _assert_bfloat16_as_accurate_as_autodiff(_plain_swiglu, model_lib.swiglu,
-                                           _swiglu_inputs(jnp.bfloat16))
-
-
-def _project_heads_inputs(dtype):
-  x = _normal(30, (2, 5, 16), dtype)
-  w = (_normal(31, (16, 7, 4)) * 0.3).astype(dtype)
-  return x, w, _normal(32, (2, 5, 7, 4), dtype)
-
-
-def _plain_project_heads(x, w):
-  return jnp.einsum("btd,dmh->btmh", x, w)
-
-
-def test_project_heads_custom_vjp_matches_autodiff():
-  args = _project_heads_inputs(jnp.float32)
-  for a, b in zip(_outputs_and_grads(_plain_project_heads, *args),
-                  _outputs_and_grads(model_lib.project_heads, *args)):
-    assert a.shape == b.shape
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
-
-
-def test_project_heads_custom_vjp_in_bfloat16_is_as_accurate_as_autodiff():
-  _assert_bfloat16_as_accurate_as_autodiff(_plain_project_heads, model_lib.project_heads,
-                                           _project_heads_inputs(jnp.bfloat16))
 
 
 def _plain_rms_norm(x, scale, eps=1e-5):

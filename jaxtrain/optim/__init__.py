@@ -59,9 +59,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.muon.ns_coeffs = 'standard'  # 'standard' | 'polar_express'
   c.muon.ns_dtype = 'float32'  # 'float32' | 'bfloat16' (NS loop only; state and I/O are fp32)
   c.muon.ns_eps = 1e-7
-  # NS matrix products: 'auto' (OpenBLAS on one CPU device with fp32 NS, else XLA's dots) | 'xla'
-  # | 'blas' (jaxtrain/cpu_gemm.py).
-  c.muon.ns_matmul = 'auto'
   c.muon.shape_scaling = 'rms_match'  # 'rms_match' | 'spectral' | 'none'
   c.muon.rms_scale = 0.2  # update RMS that rms_match aims for
   c.muon.variant = 'muon'  # 'muon' | 'normuon'
@@ -69,7 +66,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.muon.adam_lr = config_dict.placeholder(float)  # AdamW-group lr; None = optimizer.lr
   c.muon.adam_weight_decay = config_dict.placeholder(float)  # None = optimizer.weight_decay
   c.muon.hidden = DEFAULT_HIDDEN  # (regex, layout) rows routed to Muon; see routing.py
-  c.muon.shard_axis = 'fsdp'  # mesh axis (or 'data,fsdp') that splits Newton-Schulz work
+  # Mesh axes whose devices share the Newton-Schulz work (each device its own matrices).
+  c.muon.shard_axis = 'data,fsdp,tensor'
   return c
 
 
@@ -133,7 +131,6 @@ def validate_config(opt_cfg) -> None:
   _choice(m.ns_coeffs, f'{p}.ns_coeffs', tuple(NS_PRESETS))
   _choice(m.ns_dtype, f'{p}.ns_dtype', tuple(NS_DTYPES))
   _number(m.ns_eps, f'{p}.ns_eps', lo=0, lo_open=True)
-  _choice(m.ns_matmul, f'{p}.ns_matmul', ('auto', 'xla', 'blas'))
   _choice(m.shape_scaling, f'{p}.shape_scaling', ('rms_match', 'spectral', 'none'))
   _number(m.rms_scale, f'{p}.rms_scale', lo=0, lo_open=True)
   _choice(m.variant, f'{p}.variant', ('muon', 'normuon'))
@@ -178,7 +175,7 @@ def build_optimizer(opt_cfg, total_steps: int, mesh=None,
   Args:
     opt_cfg: the `optimizer` config section (validated here too).
     total_steps: length of the run, which the schedules decay over.
-    mesh: the training mesh; with name='muon' Newton-Schulz work is split over
+    mesh: the training mesh; with name='muon' Newton-Schulz work is split over the devices of
       `optimizer.muon.shard_axis` (axes missing from the mesh are ignored).
     param_shardings: optional pytree of the params' NamedShardings; Muon updates are constrained
       back to them after the split Newton-Schulz.
@@ -220,12 +217,11 @@ def build_optimizer(opt_cfg, total_steps: int, mesh=None,
       ns_steps=m.ns_steps,
       ns_dtype=NS_DTYPES[m.ns_dtype],
       eps=m.ns_eps,
-      matmul=m.ns_matmul,
       shape_scaling=m.shape_scaling,
       rms_scale=m.rms_scale,
       variant=m.variant,
       normuon_b2=m.normuon_b2,
       mesh=mesh,
-      shard_axis=shard_axis or 'fsdp',
+      shard_axis=shard_axis or (),
       param_shardings=param_shardings,
   ))

@@ -7,12 +7,15 @@ jaxtrain parameter tree, where every hidden matrix is stacked over layers and at
 4-D, and it differs from `optax.contrib.muon` where that matters here:
 
 - Matrix layouts come from the parameter path (`routing.DEFAULT_HIDDEN`), never from ndim.
-- On accelerators, matrices of equal (wide) shape are orthogonalised as one batched loop: fewer,
-  larger kernels. On CPU one loop per leaf measured faster (cache), so it is the CPU default.
+- Matrices of equal (wide) shape, over layers and roles (q, k, v, o; gate, up, down), are
+  orthogonalised as one batched loop: fewer, larger kernels.
 - The NS loop is a `lax.scan` over coefficient rows, not unrolled, so compile time does not grow
   with ns_steps and per-step coefficients (Polar Express) cost nothing extra.
-- Under an FSDP mesh the batched NS input is constrained to be split along its batch (layer) axis,
-  so each device orthogonalises L/n matrices instead of all L.
+- On a mesh every device orthogonalises its own share and no two devices the same matrix, for any
+  device count (`_split_newton_schulz`): whole matrices split over the devices, and the few left
+  over when the count does not divide are split by columns (a small Gram all-reduce per step).
+- With a bf16 NS loop the Gram matrix, its polynomial and the coefficients stay fp32; only the
+  two large products per step read bf16 operands.
 """
 
 import math
@@ -24,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxtrain import cpu_gemm
+from jaxtrain import ops
 from jaxtrain.optim import routing
 
 # Keller Jordan's quintic (modded-nanogpt, 2024), the same row every step. It maximises the slope at
@@ -103,34 +106,75 @@ def ns_coefficients(ns_coeffs='standard', ns_steps: int = 5) -> tuple[np.ndarray
   return rows, 1.0
 
 
-def _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype,
-                        einsum=cpu_gemm.xla_einsum):
+def _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype, split=None):
   """NS on a stack of matrices with M <= N (so the Gram matrix X X^T is the small one).
 
-  Input and output are fp32; only the loop runs in ns_dtype, so a bf16 loop still starts from an
-  fp32 norm and hands fp32 back to the momentum/decay arithmetic. `einsum`: XLA's dot
-  (`cpu_gemm.xla_einsum`), or jaxtrain.cpu_gemm's OpenBLAS products on CPU (`matmul` of
-  `scale_by_muon`).
+  Input and output are fp32; the loop's large products read ns_dtype operands and accumulate in
+  fp32, while the M x M Gram matrix, its square and the polynomial stay fp32 (bf16 would round
+  the polynomial that sets every singular value). `split`: None, or (mesh, axes) to split each
+  matrix by columns over those mesh axes: the Gram matrix is then reduce-scattered by rows, its
+  square computed by rows, and the polynomial all-gathered (M x M traffic, small beside X).
   """
   x_BMN = x_BMN.astype(jnp.float32)
   norm_B11 = jnp.sqrt(jnp.sum(jnp.square(x_BMN), axis=(-2, -1), keepdims=True))
   # eps keeps an all-zero update (e.g. a frozen or unused layer) at zero instead of NaN.
   x_BMN = (x_BMN / (norm_B11 * prescale + eps)).astype(ns_dtype)
-
-  eye_MM = jnp.eye(x_BMN.shape[-2], dtype=ns_dtype)
-
+  eye_MM = jnp.eye(x_BMN.shape[-2], dtype=jnp.float32)
   b = ''.join(chr(ord('p') + i) for i in range(x_BMN.ndim - 2))  # batch axes, named
+
+  if split is None:
+    cols = rows = full = lambda a: a
+  else:
+    mesh, axes = split
+    lead = (None,) * (x_BMN.ndim - 2)
+    on = axes if len(axes) > 1 else axes[0]
+    cols = lambda a: _place(a, P(*lead, None, on), mesh)
+    rows = lambda a: _place(a, P(*lead, on, None), mesh)
+    full = lambda a: _place(a, P(), mesh)
 
   def ns_step(x_BMN, abc_3):
     # X <- a X + b (X X^T) X + c (X X^T)^2 X, evaluated as (a I + b A + c A A) X with A = X X^T:
-    # the a-term goes on the small M x M side, which saves a pass over X per step (~2% on CPU).
-    gram_BMM = einsum(f'{b}mn,{b}kn->{b}mk', x_BMN, x_BMN)
-    square_BMM = einsum(f'{b}mk,{b}kj->{b}mj', gram_BMM, gram_BMM)
-    poly_BMM = abc_3[0] * eye_MM + abc_3[1] * gram_BMM + abc_3[2] * square_BMM
-    return einsum(f'{b}mk,{b}kn->{b}mn', poly_BMM, x_BMN), None
+    # the a-term goes on the small M x M side, which saves a pass over X per step.
+    x_BMN = cols(x_BMN)
+    gram_BMM = ops.einsum(f'{b}mn,{b}kn->{b}mk', x_BMN, x_BMN, preferred_element_type=jnp.float32)
+    gram_rows_BMM = rows(gram_BMM)
+    square_BMM = jnp.einsum(f'{b}mk,{b}kj->{b}mj', gram_rows_BMM, full(gram_BMM))
+    poly_BMM = abc_3[0] * eye_MM + abc_3[1] * gram_rows_BMM + abc_3[2] * square_BMM
+    poly_BMM = full(poly_BMM).astype(ns_dtype)
+    return cols(jnp.einsum(f'{b}mk,{b}kn->{b}mn', poly_BMM, x_BMN)), None
 
-  x_BMN, _ = jax.lax.scan(ns_step, x_BMN, jnp.asarray(coeffs_S3, ns_dtype))
+  x_BMN, _ = jax.lax.scan(ns_step, x_BMN, jnp.asarray(coeffs_S3, jnp.float32))
   return x_BMN.astype(jnp.float32)
+
+
+def _split_newton_schulz(x_BMN, coeffs_S3, prescale, eps, ns_dtype, mesh, axes):
+  """NS of a stack of B wide matrices with every device of `axes` doing 1/n of the work.
+
+  The first n * (B // n) matrices are split whole over the n devices (no communication inside
+  NS); the B % n left over are split by columns over all n devices when their dims divide, and
+  otherwise padded with zero matrices to one per device (NS of zero is zero).
+  """
+  if not axes:
+    return _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype)
+  n = math.prod(mesh.shape[a] for a in axes)
+  on = axes if len(axes) > 1 else axes[0]
+  B, M, N = x_BMN.shape
+  whole = n * (B // n)
+  parts = []
+  if whole:
+    split = P(on, None, None)
+    x = _place(x_BMN[:whole], split, mesh)
+    parts.append(_place(_orthogonalize_wide(x, coeffs_S3, prescale, eps, ns_dtype), split, mesh))
+  rest = B - whole
+  if rest and M % n == 0 and N % n == 0:
+    parts.append(_orthogonalize_wide(x_BMN[whole:], coeffs_S3, prescale, eps, ns_dtype,
+                                     split=(mesh, axes)))
+  elif rest:
+    padded = jnp.concatenate([x_BMN[whole:], jnp.zeros((n - rest, M, N), x_BMN.dtype)])
+    split = P(on, None, None)
+    y = _orthogonalize_wide(_place(padded, split, mesh), coeffs_S3, prescale, eps, ns_dtype)
+    parts.append(_place(y, split, mesh)[:rest])
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
 def orthogonalize(x, ns_coeffs='standard', ns_steps: int = 5, *, eps: float = 1e-7,
@@ -184,7 +228,6 @@ class _LeafPlan(NamedTuple):
   tall: bool  # fan_in > fan_out, so NS saw the transpose
   fan_in: int
   fan_out: int
-  batch_split: Any  # mesh axis (or axes) that split the batch axis for NS, or None
 
 
 def _default_layout(path, shape):
@@ -232,27 +275,11 @@ def _sharding_lookup(param_shardings, mesh):
 
 
 def _shard_axes(mesh, shard_axis):
-  """The mesh axes to split NS over, validated; () when there is nothing to split over."""
+  """The mesh axes of size > 1 to split NS over (names the mesh lacks are skipped)."""
   if mesh is None:
     return ()
   axes = (shard_axis,) if isinstance(shard_axis, str) else tuple(shard_axis)
-  missing = [a for a in axes if a not in mesh.axis_names]
-  if missing:
-    raise ValueError(f'shard_axis {missing} not in mesh axes {mesh.axis_names}')
-  return axes if math.prod(mesh.shape[a] for a in axes) > 1 else ()
-
-
-def _ns_spec(shape, layout, mesh, axes):
-  """Where a leaf should live for NS: split over `axes` on its first batch axis if that divides.
-
-  Otherwise replicated: NS contracts over both matrix axes, so a matrix split along either would
-  need collectives inside every step. An uneven split would pad, so it is not used.
-  """
-  spec = [None] * len(shape)
-  b = layout.find('b')
-  if axes and b >= 0 and shape[b] % math.prod(mesh.shape[a] for a in axes) == 0:
-    spec[b] = axes if len(axes) > 1 else axes[0]
-  return P(*spec)
+  return tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
 def _typed_mesh(x):
@@ -306,11 +333,10 @@ def scale_by_muon(
     normuon_b2: float = 0.95,
     normuon_eps: float = 1e-10,
     layouts=None,
-    group_by_shape: bool | None = None,
+    group_by_shape: bool = True,
     mesh: Mesh | None = None,
-    shard_axis: str | Sequence[str] = 'fsdp',
+    shard_axis: str | Sequence[str] = ('data', 'fsdp', 'tensor'),
     param_shardings=None,
-    matmul: str = 'auto',
 ) -> optax.GradientTransformation:
   """Muon direction for every leaf: fp32 momentum, Newton-Schulz, optional NorMuon, shape scaling.
 
@@ -333,15 +359,13 @@ def scale_by_muon(
       is invariant to the scale of G and evens out neurons that NS leaves uneven.
     layouts: None (last two axes are the matrix, leading axes batch), a callable
       (path, shape) -> layout string, or a pytree of layout strings; see `routing`.
-    group_by_shape: run all matrices of one (wide) shape as one batched NS loop: fewer, larger
-      ops for accelerators. None (default): group except on CPU, where one leaf at a time keeps
-      the working set in cache and measured ~5% faster (docs/muon.md).
-    mesh: if given, NS input is split over `shard_axis` along its batch (layer) axis.
-    shard_axis: mesh axis name (or names) to split the NS batch over.
+    group_by_shape: run all matrices of one (wide) shape as one batched NS loop (fewer, larger
+      ops, and an even split over devices); False runs one loop per leaf.
+    mesh: if given, NS work is split over the devices of `shard_axis` (`_split_newton_schulz`).
+    shard_axis: mesh axis name (or names) whose devices share the NS work; axes of size 1 are
+      ignored. The default, every axis, gives each device of the mesh its own matrices.
     param_shardings: optional pytree (like params) of NamedSharding/PartitionSpec; updates are
       constrained back to them after NS. Without it XLA's propagation picks the output layout.
-    matmul: the NS loop's matrix products: 'xla', 'blas' (OpenBLAS on CPU, jaxtrain/cpu_gemm.py)
-      or 'auto' (OpenBLAS where it can run: CPU, fp32 ns_dtype, one device; else XLA's dots).
 
   Returns:
     An optax.GradientTransformation with state `MuonState`.
@@ -349,8 +373,6 @@ def scale_by_muon(
   if variant not in VARIANTS:
     raise ValueError(f'unknown variant {variant!r}; known: {VARIANTS}')
   shape_scale(1, 1, shape_scaling)  # validates the name early
-  if matmul not in cpu_gemm.IMPLEMENTATIONS:
-    raise ValueError(f'unknown matmul {matmul!r}; known: {cpu_gemm.IMPLEMENTATIONS}')
   coeffs_S3, prescale = ns_coefficients(ns_coeffs, ns_steps)
   ns_dtype = jnp.dtype(ns_dtype)
   shardings = _sharding_lookup(param_shardings, mesh)
@@ -375,48 +397,36 @@ def scale_by_muon(
     mu_leaves = treedef.flatten_up_to(state.mu)
     nu_leaves = treedef.flatten_up_to(state.nu) if variant == 'normuon' else [None] * len(g_leaves)
     axes = _shard_axes(mesh, shard_axis)
-    group = jax.default_backend() != 'cpu' if group_by_shape is None else group_by_shape
-    # A custom call has no sharding rule: NS split over a mesh of several devices keeps XLA's dots.
-    choice = 'xla' if matmul == 'auto' and mesh is not None and mesh.size > 1 else matmul
-    einsum = cpu_gemm.einsum_for(choice, ns_dtype, 'optimizer.muon.ns_matmul')
 
     new_mu, wide, undo, groups = [], [], [], {}
     for k, (g, mu, layout) in enumerate(zip(g_leaves, mu_leaves, layout_leaves)):
       mu = momentum * mu + (1.0 - momentum) * g.astype(jnp.float32)
       new_mu.append(mu)
       d = (1.0 - momentum) * g.astype(jnp.float32) + momentum * mu if nesterov else mu
-      # Split over the layer axis before any reshape, so reshapes and stacking stay local.
-      spec = _ns_spec(d.shape, layout, mesh, axes)
-      d_BIO, unflatten = _to_matrices(_place(d, spec, mesh), layout)
+      d_BIO, unflatten = _to_matrices(d, layout)
       # Each leaf as a stack of wide (M <= N) matrices; equal shapes share one NS call.
       tall = d_BIO.shape[1] > d_BIO.shape[2]
       wide.append(jnp.swapaxes(d_BIO, 1, 2) if tall else d_BIO)
-      batch_split = spec[layout.find('b')] if 'b' in layout else None
-      undo.append(_LeafPlan(unflatten, tall, d_BIO.shape[1], d_BIO.shape[2], batch_split))
-      key = (wide[-1].shape, batch_split) if group else k
-      groups.setdefault(key, []).append(k)
+      undo.append(_LeafPlan(unflatten, tall, d_BIO.shape[1], d_BIO.shape[2]))
+      groups.setdefault(wide[-1].shape[1:] if group_by_shape else k, []).append(k)
 
     ortho = [None] * len(wide)
     for members in groups.values():
       xs = [wide[k] for k in members]
-      batch, m, n = xs[0].shape
-      split = P(undo[members[0]].batch_split, None, None)
-      # Stacking on axis 1 keeps each layer's matrices together, so a split along the layer axis
-      # needs no data movement between the members of a group.
-      x_BMN = xs[0] if len(xs) == 1 else jnp.stack(xs, axis=1).reshape(-1, m, n)
-      x_BMN = _place(x_BMN, split, mesh)
-      y_BMN = _place(_orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype, einsum),
-                     split, mesh)
-      y_BGMN = y_BMN.reshape(batch, len(xs), m, n)
+      if len(xs) > 1 and _typed_mesh(xs[0]) is not None:  # Explicit axes: one sharding to join
+        xs = [_place(x, P(), mesh) for x in xs]
+      x_BMN = xs[0] if len(xs) == 1 else jnp.concatenate(xs)
+      y_BMN = _split_newton_schulz(x_BMN, coeffs_S3, prescale, eps, ns_dtype, mesh, axes)
+      offsets = np.cumsum([0] + [x.shape[0] for x in xs])
       for j, k in enumerate(members):
-        ortho[k] = y_BGMN[:, j]
+        ortho[k] = y_BMN[offsets[j]:offsets[j + 1]]
 
     out, new_nu = [], []
-    for k, (unflatten, tall, fan_in, fan_out, batch_split) in enumerate(undo):
+    for k, (unflatten, tall, fan_in, fan_out) in enumerate(undo):
       o_BIO = jnp.swapaxes(ortho[k], 1, 2) if tall else ortho[k]
       if variant == 'normuon':
         nu = nu_leaves[k]
-        nu_BO = _place(nu, P(batch_split, *[None] * (nu.ndim - 1)), mesh).reshape(-1, fan_out)
+        nu_BO = nu.reshape(-1, fan_out)
         nu_BO = normuon_b2 * nu_BO + (1.0 - normuon_b2) * jnp.mean(jnp.square(o_BIO), axis=1)
         new_nu.append(_restore(nu_BO.reshape(nu.shape), _sharding_of(nu)))
         normed_BIO = o_BIO / (jnp.sqrt(nu_BO)[:, None, :] + normuon_eps)
