@@ -1,6 +1,5 @@
 """Causal attention alone on CPU, forward + backward: jaxtrain's block-causal `cpu` path by block
-size (with XLA's dots, and with the OpenBLAS products of jaxtrain.cpu_gemm at the default block,
-as the training step runs it), the masked `xla` reference and (if torch is installed) PyTorch's
+size, the masked `xla` reference and (if torch is installed) PyTorch's
 SDPA.
 
   python benchmarks/attention_cpu.py                       # 35M shapes: B=8, T=512, 8 heads of 64
@@ -54,7 +53,7 @@ def jax_variants(args):
   """name -> (zero-arg function running one fwd + bwd and blocking, max abs gradient error)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from jaxtrain import attention, cpu_gemm  # pylint: disable=import-outside-toplevel
+  from jaxtrain import attention  # pylint: disable=import-outside-toplevel
 
   B, T, N, K, H = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
   keys = jax.random.split(jax.random.key(0), 4)
@@ -66,9 +65,6 @@ def jax_variants(args):
   for block in args.blocks:
     impls[f"cpu, block {block}"] = functools.partial(attention.blocked_causal_attention,
                                                      block=block)
-  if cpu_gemm.unavailable_reason() is None:
-    impls[f"cpu, block {attention.CPU_BLOCK}, OpenBLAS"] = functools.partial(
-        attention.blocked_causal_attention, block=attention.CPU_BLOCK, einsum=cpu_gemm.einsum)
   compiled = {}
   for name, fn in impls.items():
     grad = jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v) * do), argnums=(0, 1, 2))

@@ -2,9 +2,9 @@
 
     python benchmarks/gpu_mfu.py                              # 125m, 350m, 1.4b, AdamW
     python benchmarks/gpu_mfu.py --sizes=125m --optimizers=adamw,muon
-    python benchmarks/gpu_mfu.py --sizes=1.4b --set train.batch_size=16 --set model.remat=none
+    python benchmarks/gpu_mfu.py --sizes=1.4b --set train.batch_size_per_device=16 --set model.remat=none
     python benchmarks/gpu_mfu.py --sizes=toy --hardware=cpu --steps=2 --rounds=2 \\
-        --set data.seq_len=64 --set train.batch_size=2        # a dry run on CPU
+        --set data.seq_len=64 --set train.batch_size_per_device=2        # a dry run on CPU
     bash benchmarks/gpu_run.sh                                # the prepared run for a lent GPU
 
 Each (size, optimizer) runs in a fresh process, so each starts with the device's memory empty and
@@ -69,6 +69,7 @@ def measure(spec):
                      f"pass --hardware ({', '.join(HARDWARE)})"}
   cfg = config_lib.load_config(f"{spec['config']}:{spec['size']},{hw}", spec["overrides"])
   setup = trainer.make_setup(cfg)
+  cfg = setup.config  # train.batch_size resolved from train.batch_size_per_device
   state = setup.init(cfg.train.seed)
   step = trainer.make_train_step(setup)
   B, T = cfg.train.batch_size, cfg.data.seq_len
@@ -139,7 +140,7 @@ def parse_args(argv):
   parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
   parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override, e.g. --set train.batch_size=16 (repeatable)")
+                      help="config override, e.g. --set train.batch_size_per_device=16 (repeatable)")
   parser.add_argument("--timeout", type=float, default=300, help="seconds per (size, optimizer)")
   parser.add_argument("--json", default="", help="also append one JSON line per result here")
   parser.add_argument("--child", help=argparse.SUPPRESS)

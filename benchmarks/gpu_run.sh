@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu_run.sh fetch   # here, with network: wheels the GPU image lacks -> .whl/
 #   bash benchmarks/gpu_run.sh         # there: installs .whl/*.whl (if any) into /tmp/site, runs
-#   bash benchmarks/gpu_run.sh --set train.batch_size=64   # arguments go to both gpu_mfu.py runs
+#   bash benchmarks/gpu_run.sh --set train.batch_size_per_device=16   # arguments go to both gpu_mfu.py runs
 #
 # The lent H200's image (no network) has jax (0.11), flax, optax and orbax-checkpoint but not
 # ml-collections, which `fetch` downloads (a pure-Python wheel) for the run to carry. On a machine

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-from jaxtrain import cpu_gemm, optim
+from jaxtrain import optim
 from jaxtrain.optim import routing
 
 SIZES = {
@@ -106,12 +106,8 @@ def cpu_name():
 
 
 def matmul_peak(sizes=(2048, 3072), repeats=5):
-  """Best median (FLOP per wall second, FLOP per CPU second) of large square fp32 matmuls: XLA's
-  dot and, where Newton-Schulz's products run through OpenBLAS (`ns_matmul=auto` on one CPU
-  device), jaxtrain.cpu_gemm's product too."""
+  """Best median (FLOP per wall second, FLOP per CPU second) of large square fp32 matmuls."""
   products = [jnp.matmul]
-  if cpu_gemm.resolve('auto', jnp.float32) == 'blas':
-    products.append(cpu_gemm.matmul)
   best = np.zeros(2)
   rng = np.random.default_rng(1)
   for n in sizes:

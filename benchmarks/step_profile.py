@@ -35,8 +35,8 @@ import time
 # Einsum subscripts and op names (from jaxtrain/model.py, attention.py, trainer.py) -> model part.
 PARTS = (
     ("attention", r"bkc|bks|bqk|bkgts|btnh,bsnh|bsnh|attention|softmax"),
-    ("mlp", r"dg->|,dg|btg|btf|fd->|,fd|->btf|->dg|swiglu"),
-    ("q/k/v/o", r"dmh|nhd|btnh|btmh|btk,dk|btd,btk"),
+    ("mlp", r"btf|df->|,df|fd->|,fd|->btf|mlp_"),
+    ("q/k/v/o", r"dnh|nhd|btnh|_proj"),
     ("head + loss", r"bcv|bcd|,dv|dv->|cross_entropy|log_softmax"),
 )
 
@@ -65,9 +65,8 @@ def part_of(op_name, metadata):
 
 
 def is_matmul(op_name):
-  # XLA:CPU runs dots as `dot.N` or inside library fusions (YNNPACK/XNNPACK/oneDNN); jaxtrain's
-  # OpenBLAS products (jaxtrain/cpu_gemm.py, the step's only custom calls) are `ffi_call.N`.
-  return op_name.startswith(("dot", "ynn_fusion", "xnn_fusion", "onednn", "ffi_call"))
+  # XLA:CPU runs dots as `dot.N` or inside library fusions (YNNPACK/XNNPACK/oneDNN).
+  return op_name.startswith(("dot", "ynn_fusion", "xnn_fusion", "onednn"))
 
 
 def trace_step(args):

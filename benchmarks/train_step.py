@@ -6,7 +6,7 @@
     python benchmarks/train_step.py --sides=jax                # jaxtrain only (no PyTorch needed)
     python benchmarks/train_step.py --muon                     # Muon / AdamW step time, 1x and 4x batch
     python benchmarks/train_step.py --xla-flags='--xla_cpu_...' # try an XLA flag on the jaxtrain side
-    python benchmarks/train_step.py --malloc=glibc             # jaxtrain worker with plain malloc
+    python benchmarks/train_step.py --glibc-tunables=glibc.malloc.hugetlb=1  # both sides alike
 
 Both sides train the same model (sizes from `--config`, fp32, untied, no dropout) on the same random
 batch with AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1, global-norm clipping at 1.0). The peer
@@ -18,17 +18,12 @@ doing hits both sides alike: compare the ratio, not the absolute seconds (the ta
 the ratio within each round, whose spread shows how much the machine moved it). Steps within a
 burst run back to back, as in a training loop; the first step of each burst follows the idle
 pause and is not counted (on our VM, memory that a step freed and left idle for ~2 s costs much
-more kernel time to fault in again than memory reused at once: docs/benchmarks.md). The jaxtrain
-worker starts with the environment the `jaxtrain` command gives itself (jaxtrain/host_malloc.py:
-glibc's huge-page tunable and the block cache that keeps XLA's per-step temporary block mapped);
-`--malloc=hugepages` gives it the tunable only, `--malloc=glibc` neither. The PyTorch worker runs
-with neither, as PyTorch users run it.
+more kernel time to fault in again than memory reused at once: docs/benchmarks.md). Both workers
+get the same environment; `--glibc-tunables` sets GLIBC_TUNABLES for both alike (jaxtrain itself
+never changes its process's allocator or environment).
 The fp32 matmul peak of each framework (the best median over a few large square matmuls) is
 measured the same way, alternating; "of peak" is each side's model FLOP/s
-(jaxtrain.model.flops_per_token x tokens / step time) over its own peak. jaxtrain's peak is the
-faster of XLA's dot and, where the step's matmuls run through OpenBLAS (`model.matmul`, on by
-default on one CPU device: jaxtrain/cpu_gemm.py), that product; `--set model.matmul=xla` runs the
-step on XLA's dots alone.
+(jaxtrain.model.flops_per_token x tokens / step time) over its own peak.
 
 torch and transformers are imported only by the peer worker (`pip install -e .[hf]`).
 """
@@ -102,7 +97,6 @@ def jax_worker(spec):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jaxtrain import config as config_lib, sharding, trainer  # pylint: disable=import-outside-toplevel
-  from jaxtrain import cpu_gemm, host_malloc, model as model_lib  # pylint: disable=import-outside-toplevel
 
   cfg = config_lib.load_config(spec["config"], spec["overrides"])
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
@@ -122,14 +116,7 @@ def jax_worker(spec):
     jax.block_until_ready((holder["state"], metrics))
     return float(metrics["loss"])
 
-  # The peak is the faster of the two products jaxtrain can run: XLA's dot and, where the step's
-  # matmuls run through OpenBLAS (`model.matmul`), jaxtrain.cpu_gemm's.
-  with jax.set_mesh(mesh):
-    c = setup.model_config
-    blas = cpu_gemm.resolve(model_lib.matmul_choice(c), model_lib.DTYPES[c.dtype]) == "blas"
   kinds = {"xla": jax.jit(jnp.matmul)}
-  if blas:
-    kinds["blas"] = jax.jit(cpu_gemm.matmul)
   matmuls = {}
 
   def matmul_fn(n):
@@ -147,10 +134,8 @@ def jax_worker(spec):
   step_fn()  # A second warm-up step: buffers from donation settle.
   _reply({"ready": True, "compile_seconds": compile_seconds, "first_loss": first_loss,
           "version": f"jax {jax.__version__}", "attention": cfg.model.attention,
-          "matmul": "OpenBLAS (jaxtrain.cpu_gemm)" if blas else "XLA dots",
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-          "block_cache": host_malloc.preloads_block_cache(os.environ)})
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
   _serve(step_fn, matmul_fn)
 
 
@@ -216,16 +201,10 @@ def torch_worker(spec):
 class Worker:
 
   def __init__(self, name, side, spec):
-    from jaxtrain import host_malloc  # pylint: disable=import-outside-toplevel
     self.name, self.side, self.spec = name, side, spec
-    # Each worker gets exactly its --malloc, also when this parent runs with the `jaxtrain`
-    # command's environment (`env $(python -m jaxtrain.host_malloc) python train_step.py`).
-    env = host_malloc.env_without_additions(os.environ)
-    malloc = spec.get("malloc", "jaxtrain") if side == "jax" else "glibc"
-    if malloc != "glibc":  # What the `jaxtrain` command runs with (or its huge pages alone).
-      env = host_malloc.env_for_xla_cpu(
-          {**env, host_malloc.BLOCK_CACHE_OPT_OUT: "0" if malloc == "hugepages" else "1",
-           host_malloc.HUGEPAGES_OPT_OUT: "1"})
+    env = dict(os.environ)
+    if spec.get("glibc_tunables"):
+      env["GLIBC_TUNABLES"] = spec["glibc_tunables"]
     self.proc = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), f"--worker={side}", "--spec", json.dumps(spec)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
@@ -315,10 +294,8 @@ def parse_args(argv):
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="jaxtrain config override, e.g. --set model.attention=xla (repeatable)")
   parser.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the jaxtrain worker")
-  parser.add_argument("--malloc", choices=("jaxtrain", "hugepages", "glibc"), default="jaxtrain",
-                      help="the jaxtrain worker's malloc: as the jaxtrain command runs (huge pages "
-                           "and the block cache, jaxtrain/host_malloc.py), huge pages only, or "
-                           "plain glibc")
+  parser.add_argument("--glibc-tunables", default="",
+                      help="GLIBC_TUNABLES for both workers alike, e.g. glibc.malloc.hugetlb=1")
   parser.add_argument("--peer-attention", default="sdpa", help="HF attn_implementation")
   parser.add_argument("--matmul-sizes", default="2048,4096",
                       help="square fp32 matmul sizes for the peak; the best median counts")
@@ -348,7 +325,7 @@ def base_spec(args):
   spec = {"config": args.config, "overrides": overrides, "seed": 0,
           "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
           "vocab_size": model["vocab_size"], "model": model, "xla_flags": args.xla_flags,
-          "peer_attention": args.peer_attention, "malloc": args.malloc,
+          "peer_attention": args.peer_attention, "glibc_tunables": args.glibc_tunables,
           "optimizer": {"lr": o.lr, "b1": o.b1, "b2": o.b2, "eps": o.eps,
                         "weight_decay": o.weight_decay, "clip_norm": o.clip_norm}}
   return spec, cfg, model_cfg
@@ -439,13 +416,10 @@ def run_comparison(args):
   print()
   for c in cols:
     print(f"- {c}: {rows[c]['info']['version']}; attention {rows[c]['info']['attention']}"
-          + (f"; matmuls: {rows[c]['info']['matmul']}" if rows[c]['info'].get('matmul') else "")
           + (f"; XLA_FLAGS={rows[c]['info']['xla_flags']!r}" if rows[c]['info'].get('xla_flags')
              else "")
           + (f"; GLIBC_TUNABLES={rows[c]['info']['glibc_tunables']}"
-             if rows[c]['info'].get('glibc_tunables') else "")
-          + ("; block cache (jaxtrain/host_malloc.py)" if rows[c]['info'].get('block_cache')
-             else ""))
+             if rows[c]['info'].get('glibc_tunables') else ""))
   print(f"- load average at the end: {os.getloadavg()[0]:.2f}")
 
 

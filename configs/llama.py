@@ -5,7 +5,10 @@
   jaxtrain info --config=configs/llama.py:1.4b
 
 The argument is `SIZE[,HARDWARE]`. SIZE: toy, 35m, 125m, 350m, 760m, 1.4b. HARDWARE: cpu (fp32,
-the default), a40, a100, h100, h200 (bf16 compute, fp32 master weights, cuDNN attention).
+the default), a40, a100, h100, h200: bf16 compute with fp32 master weights, cuDNN attention,
+FSDP over all devices (`mesh.fsdp=-1`), a per-device batch (`train.batch_size_per_device`, so
+the global batch grows with the GPU count) and Newton-Schulz in bf16. Check that a preset fits
+before launching: `jaxtrain info --config=configs/llama.py:1.4b,a40 --plan --devices=8`.
 """
 
 from jaxtrain.config import base_config
@@ -20,7 +23,8 @@ SIZES = {
     "1.4b": (2048, 24, 16, 16, 5888, 32000),  # 1.402B parameters
 }
 
-# Per-device batch (sequences of 2048 tokens on GPUs) that fits each size comfortably.
+# Per-device batch (sequences of 2048 tokens on GPUs) that fits each size on a 48 GB A40 under
+# FSDP (check with `jaxtrain info --plan`).
 GPU_BATCH = {"toy": 64, "35m": 64, "125m": 32, "350m": 16, "760m": 8, "1.4b": 8}
 
 
@@ -43,6 +47,9 @@ def get_config(arg="toy"):
     cfg.model.update(dtype="bfloat16", attention="cudnn", remat="dots" if d >= 1536 else "none")
     cfg.model.max_seq_len = 2048
     cfg.data.seq_len = 2048
-    cfg.train.batch_size = GPU_BATCH[size]
+    cfg.train.batch_size_per_device = GPU_BATCH[size]
+    cfg.mesh.update(data=1, fsdp=-1, tensor=1)
+    cfg.optimizer.muon.ns_dtype = "bfloat16"
   cfg.train.steps = 10000
+  cfg.train.hardware = hardware
   return cfg

@@ -3,6 +3,7 @@
   jaxtrain train [--config=configs/default.py] [--config.KEY=VALUE ...] [--workdir=runs/default]
   jaxtrain eval --workdir=DIR [--split=validation] [--batches=N]
   jaxtrain info --config=configs/llama.py:1.4b [--routing]
+  jaxtrain info --config=configs/llama.py:1.4b,a40 --plan [--devices=8] [--json] [--mfu=0.4]
   jaxtrain data prepare [--config=...]
   jaxtrain convert SRC DST            # HF directory <-> jaxtrain workdir, direction detected
   jaxtrain compare RUN_DIR... [--out=compare.png]   # runs on different hardware, normalised
@@ -10,6 +11,7 @@
 Exit codes: 0 success, 2 bad input (one line on stderr naming the culprit), 1 other failure.
 """
 
+import json
 import os
 import sys
 
@@ -84,9 +86,33 @@ def cmd_eval(argv):
 
 def cmd_info(argv):
   from jaxtrain import info  # pylint: disable=import-outside-toplevel
-  args = Args(argv, flags=("routing",))
+  args = Args(argv, flags=("routing", "plan", "devices", "json", "mfu"))
   cfg = args.load_config()
-  print(info.describe(cfg, routing=args.flags.get("routing", "false") != "false"))
+  if args.flags.get("plan", "false") == "false":
+    print(info.describe(cfg, routing=args.flags.get("routing", "false") != "false"))
+    return
+  from jaxtrain import planner as plan_lib  # pylint: disable=import-outside-toplevel
+  devices = _int_flag(args, "devices") if "devices" in args.flags else None
+  mfu = _float_flag(args, "mfu") if "mfu" in args.flags else 0.4
+  result = plan_lib.plan(cfg, devices=devices, mfu=mfu)
+  if args.flags.get("json", "false") != "false":
+    print(json.dumps(result, indent=2))
+  else:
+    print(plan_lib.format_plan(result))
+
+
+def _int_flag(args, name):
+  try:
+    return int(args.flags[name])
+  except ValueError:
+    raise UserError(f"--{name}={args.flags[name]!r} is not an integer") from None
+
+
+def _float_flag(args, name):
+  try:
+    return float(args.flags[name])
+  except ValueError:
+    raise UserError(f"--{name}={args.flags[name]!r} is not a number") from None
 
 
 def cmd_data(argv):

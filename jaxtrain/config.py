@@ -17,6 +17,10 @@ import ml_collections
 from jaxtrain.errors import UserError
 
 
+# Targets that `train.hardware` may name ("" = the devices the command runs on).
+HARDWARE = ("", "cpu", "a40", "a100", "h100", "h200")
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every key with its default. Config files start from this."""
   from jaxtrain import data, model, optim  # pylint: disable=import-outside-toplevel
@@ -27,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.train = ml_collections.ConfigDict(dict(
       steps=1000,
       batch_size=16,  # Global batch, in sequences of data.seq_len tokens.
+      # > 0: the global batch is this many sequences per data-parallel device (data x fsdp),
+      # resolved against the device count at run time; train.batch_size is then ignored.
+      batch_size_per_device=0,
       microbatches=1,  # Gradient accumulation: the batch is split into this many parts.
       seed=0,
       log_every=10,
@@ -34,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
       eval_batches=16,
       loss_chunk=0,  # Sequence positions per chunk of the vocabulary-sized loss (0 = automatic).
       progress_bar=True,
+      hardware="",  # Target hardware (cpu, a40, a100, h100, h200): what `info --plan` fits to.
   ))
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   cfg.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2, async_save=True))
@@ -118,12 +126,25 @@ def apply_override(cfg, dotted_key: str, text: str):
     node[leaf] = _parse_value(dotted_key, text, current)
 
 
+def load_config_dict(values) -> ml_collections.ConfigDict:
+  """A config from a (possibly older, partial) dict: its values over today's defaults, so old
+  workdirs' config.json load after new keys appear."""
+  cfg = base_config()
+  _merge(cfg, values)
+  return cfg
+
+
+def _merge(cfg, values):
+  with cfg.unlocked():
+    for key, value in values.items():
+      if key in cfg and hasattr(cfg[key], "keys") and hasattr(value, "keys"):
+        _merge(cfg[key], value)
+      else:
+        cfg[key] = value
+
+
 def to_json(cfg) -> str:
   return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
-
-
-def from_json(text: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(text))
 
 
 def _check_known_keys(cfg, reference, prefix=""):
@@ -144,6 +165,20 @@ def _positive_int(section, key, value, zero_ok=False):
     raise UserError(f"{section}.{key} must be {need} integer, got {value!r}")
 
 
+def resolve(cfg, num_devices):
+  """The config a run on `num_devices` devices uses: `train.batch_size` from
+  `train.batch_size_per_device` when that is set (a copy; the input is not changed)."""
+  from jaxtrain import sharding  # pylint: disable=import-outside-toplevel
+  per_device = cfg.train.batch_size_per_device
+  if not per_device:
+    return cfg
+  _positive_int("train", "batch_size_per_device", per_device, zero_ok=True)
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, num_devices)))
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.train.batch_size = per_device * shape["data"] * shape["fsdp"]
+  return cfg
+
+
 def validate(cfg, num_devices=None):
   """Check every value; returns the ModelConfig. Errors are one line naming the key."""
   from jaxtrain import data, model, optim, sharding  # pylint: disable=import-outside-toplevel
@@ -154,10 +189,12 @@ def validate(cfg, num_devices=None):
   t = cfg.train
   for key in ("steps", "batch_size", "microbatches", "log_every", "eval_batches"):
     _positive_int("train", key, t[key])
-  for key in ("seed", "eval_every", "loss_chunk"):
+  for key in ("seed", "eval_every", "loss_chunk", "batch_size_per_device"):
     _positive_int("train", key, t[key], zero_ok=True)
   for key in ("every", "keep"):
     _positive_int("checkpoint", key, cfg.checkpoint[key])
+  if t.hardware not in HARDWARE:
+    raise UserError(f"train.hardware={t.hardware!r} is not one of {', '.join(map(repr, HARDWARE))}")
   if cfg.data.seq_len > model_cfg.max_seq_len:
     raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len="
                     f"{model_cfg.max_seq_len}")

@@ -21,22 +21,11 @@ def _workdir_config(workdir, overrides=()):
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise UserError(f"{path} does not exist: not a jaxtrain workdir")
-  cfg = config_lib.base_config()
-  stored = config_lib.from_json(open(path).read())
-  _merge(cfg, stored)
+  with open(path) as f:
+    cfg = config_lib.load_config_dict(json.load(f))
   for key, value in overrides:
     config_lib.apply_override(cfg, key, value)
   return cfg
-
-
-def _merge(cfg, stored):
-  """Stored values over today's defaults, so old workdirs load after new keys appear."""
-  with cfg.unlocked():
-    for key, value in stored.items():
-      if key in cfg and hasattr(cfg[key], "keys") and hasattr(value, "keys"):
-        _merge(cfg[key], value)
-      else:
-        cfg[key] = value
 
 
 def is_hf_dir(path):
@@ -115,7 +104,7 @@ def evaluate_workdir(workdir, split="validation", max_batches=None, step=None, o
   batch = -(-(cfg.train.batch_size // cfg.train.microbatches) // n) * n
   with cfg.unlocked():
     cfg.mesh.update(data=-1, fsdp=1, tensor=1)
-    cfg.train.update(batch_size=batch, microbatches=1)
+    cfg.train.update(batch_size=batch, batch_size_per_device=0, microbatches=1)
   s = train_lib.make_setup(cfg)
   step, params = load_params(workdir, s.abstract_state.params, step)
   batches = data.eval_iterator(cfg.data, s.model_config.vocab_size, batch // jax.process_count(),

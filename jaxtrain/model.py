@@ -243,10 +243,11 @@ def apply_rope(x_BTNH, positions_BT, inv_freq_h):
   return rotate(x_BTNH, *rope_tables(positions_BT, inv_freq_h))
 
 
-# Names of the activations that the `dots` remat policy saves (`jax.ad_checkpoint.checkpoint_name`):
-# every matmul output and the attention output, so the backward recomputes only elementwise work.
-SAVED_BY_DOTS = ("q_proj", "k_proj", "v_proj", "attention", "o_proj", "mlp_gate", "mlp_up",
-                 "mlp_down")
+# Activations that the `dots` remat policy saves (named with `checkpoint_name`): the projection
+# outputs the backward needs (q, k, v, the attention output, gate and up), so it recomputes only
+# norms and elementwise work. The o and down projections' outputs are not needed (their weight
+# gradients read the saved attention output and silu(gate) * up).
+SAVED_BY_DOTS = ("q_proj", "k_proj", "v_proj", "attention", "mlp_gate", "mlp_up")
 _name = checkpoint_name
 
 
@@ -284,8 +285,7 @@ class Attention(nnx.Module):
           q_positions_BT=positions_BT, kv_positions_BS=new_cache.positions_BS,
           kv_valid_BS=new_cache.positions_BS >= 0)
     out_BTNH = sharding.constrain(_name(out_BTNH, "attention"), heads)
-    y_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dt))
-    return _name(y_BTD, "o_proj"), new_cache
+    return jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dt)), new_cache
 
 
 class MLP(nnx.Module):
@@ -308,7 +308,7 @@ class MLP(nnx.Module):
       return sharding.constrain(_name(y_BTF, name), hidden)
 
     h_BTF = jax.nn.silu(project(self.w_gate, "mlp_gate")) * project(self.w_up, "mlp_up")
-    return _name(jnp.einsum("btf,fd->btd", h_BTF, self.w_down[...].astype(dt)), "mlp_down")
+    return jnp.einsum("btf,fd->btd", h_BTF, self.w_down[...].astype(dt))
 
 
 class Blocks(nnx.Module):

@@ -204,7 +204,13 @@ class Setup:
       return jax.jit(init_fn, out_shardings=self.state_shardings)()
 
 
-def make_setup(config, mesh=None) -> Setup:
+def make_setup(config, mesh=None, *, unroll_loops=False) -> Setup:
+  """Everything derived from the config for a run on `mesh` (default: all devices).
+
+  `unroll_loops` unrolls the Newton-Schulz loop, so XLA's cost analysis (which counts a loop
+  body once) sees every step; the planner's FLOP counts use it.
+  """
+  config = config_lib.resolve(config, jax.device_count() if mesh is None else mesh.size)
   model_cfg = config_lib.validate(config, jax.device_count() if mesh is None else mesh.size)
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
   abstract = model_lib.abstract_model(model_cfg)
@@ -213,7 +219,7 @@ def make_setup(config, mesh=None) -> Setup:
   param_shardings = sharding.param_shardings(axes, abstract_params, mesh)
   total_steps = config.train.steps
   tx = optim.build_optimizer(config.optimizer, total_steps, mesh=mesh,
-                             param_shardings=param_shardings)
+                             param_shardings=param_shardings, unroll_ns=unroll_loops)
   abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = _opt_state_shardings(
       abstract_opt_state, _flatten_by_path(param_shardings),
@@ -362,7 +368,7 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
   cfg = s.config
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
+  if is_main:  # The resolved config: train.batch_size as this run uses it.
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
 

@@ -19,7 +19,7 @@ gpu_mfu = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_mfu)
 
 TINY = ["--hardware=cpu", "--set", "model.n_layers=1", "--set", "data.seq_len=32",
-        "--set", "train.batch_size=2"]
+        "--set", "train.batch_size_per_device=2"]
 
 
 @pytest.mark.parametrize("kind, preset", [
@@ -74,7 +74,7 @@ def test_the_gpu_preset_runs_on_cpu_in_bf16(tmp_path, monkeypatch):
   out = tmp_path / "r.jsonl"
   rc = gpu_mfu.main(["--sizes=toy", "--hardware=h200", "--steps=1", "--rounds=1", f"--json={out}",
                      "--set", "model.n_layers=1", "--set", "data.seq_len=64",
-                     "--set", "train.batch_size=2"])
+                     "--set", "train.batch_size_per_device=2"])
   assert rc == 0
   (r,) = [json.loads(line) for line in out.read_text().splitlines()]
   assert (r["hardware"], r["dtype"], r["attention"], r["remat"]) == ("h200", "bfloat16", "cudnn",

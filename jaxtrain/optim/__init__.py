@@ -168,8 +168,8 @@ def _multiplier(opt_cfg, total_steps):
                                  opt_cfg.min_lr_ratio, opt_cfg.decay_fraction)
 
 
-def build_optimizer(opt_cfg, total_steps: int, mesh=None,
-                    param_shardings=None) -> optax.GradientTransformation:
+def build_optimizer(opt_cfg, total_steps: int, mesh=None, param_shardings=None,
+                    unroll_ns=False) -> optax.GradientTransformation:
   """The optimizer that `optimizer.*` describes, for a run of `total_steps` optimizer steps.
 
   Args:
@@ -224,4 +224,5 @@ def build_optimizer(opt_cfg, total_steps: int, mesh=None,
       mesh=mesh,
       shard_axis=shard_axis or (),
       param_shardings=param_shardings,
+      unroll=unroll_ns,
   ))

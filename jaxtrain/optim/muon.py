@@ -18,6 +18,7 @@ jaxtrain parameter tree, where every hidden matrix is stacked over layers and at
   two large products per step read bf16 operands.
 """
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -106,7 +107,7 @@ def ns_coefficients(ns_coeffs='standard', ns_steps: int = 5) -> tuple[np.ndarray
   return rows, 1.0
 
 
-def _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype, split=None):
+def _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype, split=None, unroll=False):
   """NS on a stack of matrices with M <= N (so the Gram matrix X X^T is the small one).
 
   Input and output are fp32; the loop's large products read ns_dtype operands and accumulate in
@@ -143,37 +144,36 @@ def _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype, split=None):
     poly_BMM = full(poly_BMM).astype(ns_dtype)
     return cols(jnp.einsum(f'{b}mk,{b}kn->{b}mn', poly_BMM, x_BMN)), None
 
-  x_BMN, _ = jax.lax.scan(ns_step, x_BMN, jnp.asarray(coeffs_S3, jnp.float32))
+  x_BMN, _ = jax.lax.scan(ns_step, x_BMN, jnp.asarray(coeffs_S3, jnp.float32), unroll=unroll)
   return x_BMN.astype(jnp.float32)
 
 
-def _split_newton_schulz(x_BMN, coeffs_S3, prescale, eps, ns_dtype, mesh, axes):
+def _split_newton_schulz(x_BMN, coeffs_S3, prescale, eps, ns_dtype, mesh, axes, unroll=False):
   """NS of a stack of B wide matrices with every device of `axes` doing 1/n of the work.
 
   The first n * (B // n) matrices are split whole over the n devices (no communication inside
   NS); the B % n left over are split by columns over all n devices when their dims divide, and
   otherwise padded with zero matrices to one per device (NS of zero is zero).
   """
+  ns = functools.partial(_orthogonalize_wide, coeffs_S3=coeffs_S3, prescale=prescale, eps=eps,
+                         ns_dtype=ns_dtype, unroll=unroll)
   if not axes:
-    return _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype)
+    return ns(x_BMN)
   n = math.prod(mesh.shape[a] for a in axes)
-  on = axes if len(axes) > 1 else axes[0]
+  whole_matrices = P(axes if len(axes) > 1 else axes[0], None, None)
   B, M, N = x_BMN.shape
   whole = n * (B // n)
   parts = []
   if whole:
-    split = P(on, None, None)
-    x = _place(x_BMN[:whole], split, mesh)
-    parts.append(_place(_orthogonalize_wide(x, coeffs_S3, prescale, eps, ns_dtype), split, mesh))
+    x = _place(x_BMN[:whole], whole_matrices, mesh)
+    parts.append(_place(ns(x), whole_matrices, mesh))
   rest = B - whole
   if rest and M % n == 0 and N % n == 0:
-    parts.append(_orthogonalize_wide(x_BMN[whole:], coeffs_S3, prescale, eps, ns_dtype,
-                                     split=(mesh, axes)))
+    parts.append(ns(x_BMN[whole:], split=(mesh, axes)))
   elif rest:
     padded = jnp.concatenate([x_BMN[whole:], jnp.zeros((n - rest, M, N), x_BMN.dtype)])
-    split = P(on, None, None)
-    y = _orthogonalize_wide(_place(padded, split, mesh), coeffs_S3, prescale, eps, ns_dtype)
-    parts.append(_place(y, split, mesh)[:rest])
+    y = ns(_place(padded, whole_matrices, mesh))
+    parts.append(_place(y, whole_matrices, mesh)[:rest])
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
@@ -337,6 +337,7 @@ def scale_by_muon(
     mesh: Mesh | None = None,
     shard_axis: str | Sequence[str] = ('data', 'fsdp', 'tensor'),
     param_shardings=None,
+    unroll: bool = False,
 ) -> optax.GradientTransformation:
   """Muon direction for every leaf: fp32 momentum, Newton-Schulz, optional NorMuon, shape scaling.
 
@@ -366,6 +367,8 @@ def scale_by_muon(
       ignored. The default, every axis, gives each device of the mesh its own matrices.
     param_shardings: optional pytree (like params) of NamedSharding/PartitionSpec; updates are
       constrained back to them after NS. Without it XLA's propagation picks the output layout.
+    unroll: unroll the NS loop instead of a scan (same numbers; XLA's cost analysis counts a
+      loop body once, so the planner unrolls to count every step).
 
   Returns:
     An optax.GradientTransformation with state `MuonState`.
@@ -416,7 +419,8 @@ def scale_by_muon(
       if len(xs) > 1 and _typed_mesh(xs[0]) is not None:  # Explicit axes: one sharding to join
         xs = [_place(x, P(), mesh) for x in xs]
       x_BMN = xs[0] if len(xs) == 1 else jnp.concatenate(xs)
-      y_BMN = _split_newton_schulz(x_BMN, coeffs_S3, prescale, eps, ns_dtype, mesh, axes)
+      y_BMN = _split_newton_schulz(x_BMN, coeffs_S3, prescale, eps, ns_dtype, mesh, axes,
+                                   unroll)
       offsets = np.cumsum([0] + [x.shape[0] for x in xs])
       for j, k in enumerate(members):
         ortho[k] = y_BMN[offsets[j]:offsets[j + 1]]
