@@ -23,9 +23,11 @@ SIZES = {
     "1.4b": (2048, 24, 16, 16, 5888, 32000),  # 1.402B parameters
 }
 
-# Per-device batch (sequences of 2048 tokens on GPUs) that fits each size on a 48 GB A40 under
-# FSDP (check with `jaxtrain info --plan`).
-GPU_BATCH = {"toy": 64, "35m": 64, "125m": 32, "350m": 16, "760m": 8, "1.4b": 8}
+# Per-device batch (sequences of 2048 tokens) on a 48 GB A40 and on the 80 GB+ GPUs, with
+# remat=dots under FSDP on 8 GPUs: each fits XLA's plan with room to spare
+# (`jaxtrain info --config=configs/llama.py:SIZE,HW --plan --devices=8`; docs/benchmarks.md).
+GPU_BATCH = {"toy": (64, 64), "35m": (32, 64), "125m": (16, 32), "350m": (8, 16),
+             "760m": (8, 8), "1.4b": (4, 8)}
 
 
 def get_config(arg="toy"):
@@ -44,10 +46,10 @@ def get_config(arg="toy"):
     cfg.data.seq_len = 512
     cfg.train.batch_size = 8
   else:
-    cfg.model.update(dtype="bfloat16", attention="cudnn", remat="dots" if d >= 1536 else "none")
+    cfg.model.update(dtype="bfloat16", attention="cudnn", remat="dots")
     cfg.model.max_seq_len = 2048
     cfg.data.seq_len = 2048
-    cfg.train.batch_size_per_device = GPU_BATCH[size]
+    cfg.train.batch_size_per_device = GPU_BATCH[size][hardware != "a40"]
     cfg.mesh.update(data=1, fsdp=-1, tensor=1)
     cfg.optimizer.muon.ns_dtype = "bfloat16"
   cfg.train.steps = 10000

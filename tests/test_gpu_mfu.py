@@ -78,6 +78,6 @@ def test_the_gpu_preset_runs_on_cpu_in_bf16(tmp_path, monkeypatch):
   assert rc == 0
   (r,) = [json.loads(line) for line in out.read_text().splitlines()]
   assert (r["hardware"], r["dtype"], r["attention"], r["remat"]) == ("h200", "bfloat16", "cudnn",
-                                                                     "none")
+                                                                     "dots")
   assert math.isclose(r["first_loss"], math.log(4096), rel_tol=0.05)
   assert r["last_loss"] < r["first_loss"]
