@@ -1,0 +1,105 @@
+"""The `data.*` config section: defaults and the cheap checks that run before anything is prepared."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pathlib
+
+import ml_collections
+
+from jaxtrain.errors import UserError
+
+DEFAULT_DATA_DIR = '~/.cache/jaxtrain/data'
+# Files a directory given as data.source contributes; a glob can pick any other text files.
+LOCAL_SUFFIXES = ('.txt', '.jsonl')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Defaults for `data.*`: the embedded stdlib corpus and a BPE tokenizer trained on it."""
+  cfg = ml_collections.ConfigDict()
+  # 'default' (Python stdlib), a path / directory / glob of .txt or .jsonl files, or 'tfds:NAME'.
+  cfg.source = 'default'
+  # 'bpe' (byte-level BPE trained on the train split), or a tokenizer.json / sentencepiece .model.
+  cfg.tokenizer = 'bpe'
+  cfg.seq_len = 256
+  # Prepared datasets, tokenizers and token files; shared by every run on this machine.
+  cfg.data_dir = os.environ.get('JAXTRAIN_DATA_DIR', DEFAULT_DATA_DIR)
+  # JSONL key (and TFDS feature) that holds a document's text.
+  cfg.text_field = 'text'
+  cfg.shuffle_seed = 0
+  # Use only the first N documents (0 = all): small corpora for tests and quick runs.
+  cfg.max_docs = 0
+  # Share of documents (chosen by a hash of their name) held out for validation.
+  cfg.validation_fraction = 0.02
+  # Grain worker processes for the training pipeline; 0 reads in the training process, which is
+  # plenty since tokens are prepared ahead of time.
+  cfg.worker_count = 0
+  return cfg
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_config(data_cfg) -> None:
+  """Raises UserError naming `data.<key>` for a bad value. Touches no data beyond `os.path` checks."""
+  known = set(default_config().keys())
+  for key in data_cfg.keys():
+    if key not in known:
+      raise UserError(f'data.{key}: unknown key (known: {", ".join(sorted(known))})')
+  get = lambda key: data_cfg.get(key, default_config()[key])  # pylint: disable=unnecessary-lambda-assignment
+
+  source = get('source')
+  if not isinstance(source, str) or not source.strip():
+    raise UserError("data.source: must be 'default', a path or glob of .txt/.jsonl files, "
+                    "or 'tfds:NAME'")
+  if source.startswith('tfds:') and not source[len('tfds:'):].strip():
+    raise UserError('data.source: tfds: needs a dataset name, e.g. tfds:tiny_shakespeare')
+  if source != 'default' and not source.startswith('tfds:'):
+    resolve_local_files(source)
+
+  tokenizer = get('tokenizer')
+  if not isinstance(tokenizer, str) or not tokenizer.strip():
+    raise UserError("data.tokenizer: must be 'bpe' or a path to tokenizer.json or a .model file")
+  if tokenizer != 'bpe':
+    path = os.path.expanduser(tokenizer)
+    if not os.path.exists(path):
+      raise UserError(f'data.tokenizer: no such file: {tokenizer}')
+    if os.path.isfile(path) and not path.endswith(('.json', '.model')):
+      raise UserError(f'data.tokenizer: {tokenizer} is neither a tokenizer.json nor a '
+                      'sentencepiece .model')
+
+  for key, lowest in (('seq_len', 1), ('shuffle_seed', 0), ('max_docs', 0), ('worker_count', 0)):
+    value = get(key)
+    if not _is_int(value) or value < lowest:
+      raise UserError(f'data.{key}: must be an integer >= {lowest}, got {value!r}')
+
+  fraction = get('validation_fraction')
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+    raise UserError(f'data.validation_fraction: must be between 0 and 1, got {fraction!r}')
+
+  for key in ('data_dir', 'text_field'):
+    value = get(key)
+    if not isinstance(value, str) or not value.strip():
+      raise UserError(f'data.{key}: must be a non-empty string, got {value!r}')
+
+
+def resolve_local_files(source: str) -> list[pathlib.Path]:
+  """The files `data.source` names: one file, a directory (its .txt/.jsonl files) or a glob."""
+  expanded = os.path.expanduser(source)
+  if any(c in expanded for c in '*?['):
+    files = [pathlib.Path(p) for p in glob.glob(expanded, recursive=True)]
+    files = [p for p in files if p.is_file()]
+    if not files:
+      raise UserError(f'data.source: no files match {source!r}')
+  elif os.path.isdir(expanded):
+    files = [p for p in pathlib.Path(expanded).rglob('*')
+             if p.is_file() and p.suffix in LOCAL_SUFFIXES]
+    if not files:
+      raise UserError(f'data.source: directory {source} holds no .txt or .jsonl files')
+  elif os.path.isfile(expanded):
+    files = [pathlib.Path(expanded)]
+  else:
+    raise UserError(f'data.source: no such file or directory: {source}')
+  return sorted(p.absolute() for p in files)

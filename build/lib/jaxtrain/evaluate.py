@@ -1,0 +1,116 @@
+"""Load any checkpoint as a model, and evaluate it: loss, perplexity, bits per byte.
+
+A workdir is recognised by its `checkpoints/` folder, an HF LLaMA directory by a `config.json`
+with `model_type`. Params are restored alone (no optimizer state), onto this process's devices,
+whatever mesh wrote them.
+"""
+
+import json
+import math
+import os
+
+import jax
+from flax import nnx
+
+from jaxtrain import checkpoint as checkpoint_lib
+from jaxtrain import config as config_lib, model as model_lib
+from jaxtrain.errors import UserError
+
+
+def _workdir_config(workdir, overrides=()):
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise UserError(f"{path} does not exist: not a jaxtrain workdir")
+  with open(path) as f:
+    cfg = config_lib.load_config_dict(json.load(f))
+  for key, value in overrides:
+    config_lib.apply_override(cfg, key, value)
+  return cfg
+
+
+def is_hf_dir(path):
+  config = os.path.join(path, "config.json")
+  if not os.path.isfile(config) or os.path.isdir(os.path.join(path, "checkpoints")):
+    return False
+  with open(config) as f:
+    return "model_type" in json.load(f)
+
+
+def _resolve_step(ckpt, step, workdir):
+  latest = ckpt.latest_step()
+  if latest is None:
+    raise UserError(f"{workdir}/checkpoints holds no checkpoint")
+  if step is None:
+    return latest
+  if step not in ckpt.all_steps():
+    raise UserError(f"{workdir}/checkpoints has no step {step} (have {sorted(ckpt.all_steps())})")
+  return step
+
+
+def load_params(workdir, abstract_params, step=None):
+  """Restore params only, onto the shardings carried by `abstract_params`."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise UserError(f"{directory} does not exist: no checkpoints in this workdir")
+  ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
+  try:
+    step = _resolve_step(ckpt, step, workdir)
+    return step, ckpt.restore(step, abstract_params)["params"]
+  finally:
+    ckpt.close()
+
+
+def _tokenizer_in(directory):
+  """The tokenizer saved in a directory (tokenizer.json or a sentencepiece .model), or None."""
+  from jaxtrain.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(directory):
+    return None
+  names = os.listdir(directory)
+  if "tokenizer.json" in names or any(n.endswith(".model") for n in names):
+    return tokenizer_lib.Tokenizer.load(directory)
+  return None
+
+
+def load_model(path, step=None):
+  """(model, tokenizer or None) from a workdir or an HF LLaMA directory."""
+  if not os.path.isdir(path):
+    raise UserError(f"{path} is not a directory (expected a workdir or an HF LLaMA directory)")
+  if is_hf_dir(path):
+    from jaxtrain import convert  # pylint: disable=import-outside-toplevel
+    model, _ = convert.load_hf(path)
+    tokenizer_dir = path
+  else:
+    cfg = _workdir_config(path)
+    model_cfg = model_lib.ModelConfig.from_config(cfg.model)
+    graphdef, abstract_params = model_lib.params_of(model_lib.abstract_model(model_cfg))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = checkpoint_lib.abstract_with_shardings(
+        abstract_params, jax.tree.map(lambda _: device, abstract_params))
+    _, params = load_params(path, target, step)
+    model = nnx.merge(graphdef, params)
+    tokenizer_dir = os.path.join(path, "tokenizer")
+  tokenizer = _tokenizer_in(tokenizer_dir)
+  return model, tokenizer
+
+
+def evaluate_workdir(workdir, split="validation", max_batches=None, step=None, overrides=()):
+  """Loss, perplexity and bits per byte of a workdir's checkpoint on a split of its data (or of
+  other data, with `--config.data.source=...` overrides)."""
+  from jaxtrain import data, trainer as train_lib  # pylint: disable=import-outside-toplevel
+  cfg = _workdir_config(workdir, overrides)
+  # Evaluation runs data-parallel over this machine's devices, whatever mesh trained the model:
+  # the eval batch is the training microbatch rounded up to a multiple of the device count.
+  n = jax.device_count()
+  batch = -(-(cfg.train.batch_size // cfg.train.microbatches) // n) * n
+  with cfg.unlocked():
+    cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+    cfg.train.update(batch_size=batch, batch_size_per_device=0, microbatches=1)
+  s = train_lib.make_setup(cfg)
+  step, params = load_params(workdir, s.abstract_state.params, step)
+  batches = data.eval_iterator(cfg.data, s.model_config.vocab_size, batch // jax.process_count(),
+                               split=split, max_batches=max_batches or cfg.train.eval_batches)
+  with jax.set_mesh(s.mesh):
+    result = train_lib.evaluate_params(s, train_lib.make_eval_step(s), params, batches)
+  return {"step": step, "split": split, "loss": result["eval_loss"],
+          "perplexity": math.exp(min(result["eval_loss"], 50.0)),
+          "bits_per_byte": result["bits_per_byte"], "tokens": int(result["eval_tokens"])}

@@ -1,0 +1,468 @@
+"""The LLaMA family in Flax NNX: RMSNorm, RoPE (with llama3 scaling), GQA attention, SwiGLU.
+
+Layers are always stored stacked, every block parameter with a leading layer axis L, so that the
+parameter tree (and hence checkpoints, optimizer routing and sharding) is the same whether the
+layers run under `jax.lax.scan` (compile time independent of depth) or unrolled.
+
+Conventions match HF transformers' `LlamaForCausalLM` so that checkpoints convert by reshapes only:
+rotary embeddings rotate the two halves of each head (`rotate_half`), RMSNorm normalises in fp32
+and multiplies the scale after casting back, and there are no biases.
+
+Every parameter carries `logical_axes` metadata; `sharding.py` maps those names to mesh axes.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxtrain import attention as attention_lib
+from jaxtrain import ops, sharding
+from jaxtrain.errors import UserError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of one model. Field names follow the config file (`model.*`)."""
+  vocab_size: int = 4096
+  d_model: int = 320
+  n_layers: int = 6
+  n_heads: int = 5
+  n_kv_heads: int = 0  # 0: same as n_heads (multi-head attention).
+  d_ff: int = 864
+  head_dim: int = 0  # 0: d_model // n_heads.
+  max_seq_len: int = 2048
+  rope_theta: float = 10000.0
+  # llama3 rope scaling; factor 0 disables it.
+  rope_scaling_factor: float = 0.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_seq_len: int = 8192
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention: str = "auto"
+  remat: str = "none"
+  scan_layers: bool = True
+  init_std: float = 0.02
+
+  @classmethod
+  def from_config(cls, cfg):
+    """From a ConfigDict or mapping; unknown keys are an error naming the key."""
+    values = dict(cfg)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+      if key not in names:
+        raise UserError(f"model.{key} is not a model config key (known: {', '.join(sorted(names))})")
+    c = cls(**values)
+    c.validate()
+    return c
+
+  @property
+  def kv_heads(self):
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def dim_per_head(self):
+    return self.head_dim or self.d_model // max(self.n_heads, 1)
+
+  def validate(self):
+    """One-line errors naming the key; cheap, runs before anything is built."""
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+      value = getattr(self, key)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise UserError(f"model.{key} must be a positive integer, got {value!r}")
+    if self.n_kv_heads < 0 or self.head_dim < 0:
+      raise UserError("model.n_kv_heads and model.head_dim must be >= 0 (0 means default)")
+    if not self.head_dim and self.d_model % self.n_heads:
+      raise UserError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
+    if self.n_heads % self.kv_heads:
+      raise UserError(f"model.n_kv_heads={self.kv_heads} does not divide model.n_heads={self.n_heads}")
+    if self.dim_per_head % 2:
+      raise UserError(f"head dim {self.dim_per_head} must be even for rotary embeddings")
+    for key in ("dtype", "param_dtype"):
+      if getattr(self, key) not in DTYPES:
+        raise UserError(f"model.{key}={getattr(self, key)!r} is not one of {sorted(DTYPES)}")
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
+      raise UserError(f"model.attention={self.attention!r} is not one of "
+                      f"{attention_lib.IMPLEMENTATIONS}")
+    if self.remat not in REMAT_POLICIES:
+      raise UserError(f"model.remat={self.remat!r} is not one of {REMAT_POLICIES}")
+    if self.rope_theta <= 0:
+      raise UserError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+    if self.rope_scaling_factor < 0:
+      raise UserError(f"model.rope_scaling_factor must be >= 0, got {self.rope_scaling_factor}")
+    if self.rope_scaling_factor and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+      raise UserError("model.rope_high_freq_factor must be > model.rope_low_freq_factor")
+    if self.norm_eps <= 0:
+      raise UserError(f"model.norm_eps must be > 0, got {self.norm_eps}")
+    if self.init_std <= 0:
+      raise UserError(f"model.init_std must be > 0, got {self.init_std}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counting and FLOPs (the formula of DESIGN.md), computed from the config alone.
+
+
+def param_counts(c: ModelConfig):
+  """Parameter counts: total, embedding (input table), head, non-embedding."""
+  D, F, L, V = c.d_model, c.d_ff, c.n_layers, c.vocab_size
+  NH, KH = c.n_heads * c.dim_per_head, c.kv_heads * c.dim_per_head
+  attn = D * NH + 2 * D * KH + NH * D
+  mlp = 3 * D * F
+  per_layer_matmul = attn + mlp
+  norms = L * 2 * D + D
+  embedding = V * D
+  head = 0 if c.tie_embeddings else V * D
+  matmul = L * per_layer_matmul
+  return {"total": embedding + head + matmul + norms, "embedding": embedding, "head": head,
+          "non_embedding": head + matmul + norms, "matmul": matmul, "norms": norms}
+
+
+def flops_per_token(c: ModelConfig, seq_len: int):
+  """Training FLOPs per token: 6*N_matmul + 6*N_head + 6*L*d*T.
+
+  N_matmul counts the q/k/v/o and MLP kernels of every block; the head counts even when it is
+  tied to the embedding (the matmul still happens). Attention scores and values cost 12*L*d*T per
+  token for full attention, counted here as half (6*L*d*T) since causal attention skips the upper
+  triangle. With d the attention width n_heads * head_dim.
+  """
+  counts = param_counts(c)
+  head = c.vocab_size * c.d_model
+  attn_width = c.n_heads * c.dim_per_head
+  return 6 * counts["matmul"] + 6 * head + 6 * c.n_layers * attn_width * seq_len
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules. Parameter creation takes the layer count so stacked parameters are made directly.
+
+
+def _param(rngs, shape, std, dtype, axes):
+  value = std * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim, eps, param_dtype, *, layers=None):
+    stack = () if layers is None else (layers,)
+    stack_axes = () if layers is None else ("layers",)
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones(stack + (dim,), param_dtype), logical_axes=stack_axes + ("norm",))
+
+  def __call__(self, x_BTD):
+    return rms_norm(x_BTD, self.scale[...].astype(x_BTD.dtype), self.eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x_BTD, scale_D, eps):
+  """x / sqrt(mean(x^2) + eps) * scale, normalised in fp32, with a backward that saves only x.
+
+  Autodiff of the formula saves x, 2x (from the square's derivative) and the normalised x for
+  every norm: under the layer scan each is a stacked [L, B, T, D] buffer written in the forward.
+  Here the backward recomputes the (cheap, elementwise) normalisation from x instead, so a layer
+  writes two of those buffers fewer per norm.
+  """
+  return _rms_norm_fwd(x_BTD, scale_D, eps)[0]
+
+
+def _rms_normalise(x_BTD, eps):
+  x32_BTD = x_BTD.astype(jnp.float32)
+  inv_BT1 = jax.lax.rsqrt(jnp.mean(x32_BTD * x32_BTD, axis=-1, keepdims=True) + eps)
+  return x32_BTD * inv_BT1, inv_BT1
+
+
+def _rms_norm_fwd(x_BTD, scale_D, eps):
+  normed_BTD = _rms_normalise(x_BTD, eps)[0].astype(x_BTD.dtype)
+  return normed_BTD * scale_D, (x_BTD, scale_D)
+
+
+def _rms_norm_bwd(eps, residuals, dy_BTD):
+  x_BTD, scale_D = residuals
+  normed_BTD, inv_BT1 = _rms_normalise(x_BTD, eps)
+  dy32_BTD = dy_BTD.astype(jnp.float32)
+  dscale_D = jnp.sum(dy32_BTD * normed_BTD, axis=tuple(range(dy_BTD.ndim - 1)))
+  g_BTD = dy32_BTD * scale_D.astype(jnp.float32)
+  # d/dx of x * inv(x): inv * (g - normed * mean(g * normed)).
+  dx_BTD = inv_BT1 * (g_BTD - normed_BTD * jnp.mean(g_BTD * normed_BTD, axis=-1, keepdims=True))
+  return dx_BTD.astype(x_BTD.dtype), dscale_D.astype(scale_D.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+def rope_frequencies(c: ModelConfig):
+  """Inverse frequencies of rotary embeddings, with llama3 scaling when configured."""
+  H = c.dim_per_head
+  inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
+  if c.rope_scaling_factor:
+    factor = c.rope_scaling_factor
+    old_len = c.rope_original_max_seq_len
+    low_wavelen = old_len / c.rope_low_freq_factor
+    high_wavelen = old_len / c.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - c.rope_low_freq_factor) / (
+        c.rope_high_freq_factor - c.rope_low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def rope_tables(positions_BT, inv_freq_h):
+  """cos and sin of the rotary angles, [B, T, 1, H/2] each.
+
+  They depend on positions only, so the model computes them once per forward pass instead of in
+  every layer (inside the layer scan they would be recomputed L times, and again in the backward).
+  """
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq_h
+  return jnp.cos(angles_BTh)[:, :, None, :], jnp.sin(angles_BTh)[:, :, None, :]
+
+
+def rotate(x_BTNH, cos_BT1h, sin_BT1h):
+  """Rotate each head's two halves by the tabulated angles (HF `rotate_half` layout)."""
+  x32_BTNH = x_BTNH.astype(jnp.float32)
+  x1, x2 = jnp.split(x32_BTNH, 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos_BT1h - x2 * sin_BT1h, x2 * cos_BT1h + x1 * sin_BT1h], -1)
+  return rotated.astype(x_BTNH.dtype)
+
+
+def apply_rope(x_BTNH, positions_BT, inv_freq_h):
+  """Rotate each head's two halves by position-dependent angles (HF `rotate_half` layout)."""
+  return rotate(x_BTNH, *rope_tables(positions_BT, inv_freq_h))
+
+
+# Activations that the `dots` remat policy saves (named with `checkpoint_name`): the projection
+# outputs the backward needs (q, k, v, the attention output, gate and up), so it recomputes only
+# norms and elementwise work. The o and down projections' outputs are not needed (their weight
+# gradients read the saved attention output and silu(gate) * up).
+SAVED_BY_DOTS = ("q_proj", "k_proj", "v_proj", "attention", "mlp_gate", "mlp_up")
+_name = checkpoint_name
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, c: ModelConfig, *, layers, rngs):
+    D, N, K, H = c.d_model, c.n_heads, c.kv_heads, c.dim_per_head
+    pd = DTYPES[c.param_dtype]
+    std = c.init_std
+    out_std = c.init_std / math.sqrt(2 * c.n_layers)
+    self.wq = _param(rngs, (layers, D, N, H), std, pd, ("layers", "embed", "heads", "head_dim"))
+    self.wk = _param(rngs, (layers, D, K, H), std, pd, ("layers", "embed", "kv_heads", "head_dim"))
+    self.wv = _param(rngs, (layers, D, K, H), std, pd, ("layers", "embed", "kv_heads", "head_dim"))
+    self.wo = _param(rngs, (layers, N, H, D), out_std, pd, ("layers", "heads", "head_dim", "embed"))
+
+  def __call__(self, x_BTD, positions_BT, rope, impl, kv_cache=None):
+    dt = x_BTD.dtype
+    heads = ("batch", "seq", "heads", "head_dim")
+    kv_heads = ("batch", "seq", "kv_heads", "head_dim")
+
+    def project(w, name, axes):
+      y = jnp.einsum("btd,dnh->btnh", x_BTD, w[...].astype(dt))
+      return sharding.constrain(_name(y, name), axes)
+
+    q_BTNH = rotate(project(self.wq, "q_proj", heads), *rope)
+    k_BTKH = rotate(project(self.wk, "k_proj", kv_heads), *rope)
+    v_BTKH = project(self.wv, "v_proj", kv_heads)
+    if kv_cache is None:
+      out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, impl=impl)
+      new_cache = None
+    else:
+      new_cache = kv_cache.update(k_BTKH, v_BTKH, positions_BT)
+      out_BTNH = attention_lib.attention(
+          q_BTNH, new_cache.k_BSKH.astype(dt), new_cache.v_BSKH.astype(dt), impl=impl,
+          q_positions_BT=positions_BT, kv_positions_BS=new_cache.positions_BS,
+          kv_valid_BS=new_cache.positions_BS >= 0)
+    out_BTNH = sharding.constrain(_name(out_BTNH, "attention"), heads)
+    return jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dt)), new_cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, c: ModelConfig, *, layers, rngs):
+    D, F = c.d_model, c.d_ff
+    pd = DTYPES[c.param_dtype]
+    out_std = c.init_std / math.sqrt(2 * c.n_layers)
+    self.w_gate = _param(rngs, (layers, D, F), c.init_std, pd, ("layers", "embed", "mlp"))
+    self.w_up = _param(rngs, (layers, D, F), c.init_std, pd, ("layers", "embed", "mlp"))
+    self.w_down = _param(rngs, (layers, F, D), out_std, pd, ("layers", "mlp", "embed"))
+
+  def __call__(self, x_BTD):
+    """SwiGLU: silu(x @ w_gate) * (x @ w_up) @ w_down."""
+    dt = x_BTD.dtype
+    hidden = ("batch", "seq", "mlp")
+
+    def project(w, name):
+      y_BTF = jnp.einsum("btd,df->btf", x_BTD, w[...].astype(dt))
+      return sharding.constrain(_name(y_BTF, name), hidden)
+
+    h_BTF = jax.nn.silu(project(self.w_gate, "mlp_gate")) * project(self.w_up, "mlp_up")
+    return jnp.einsum("btf,fd->btd", h_BTF, self.w_down[...].astype(dt))
+
+
+class Blocks(nnx.Module):
+  """All transformer blocks, parameters stacked on a leading layer axis.
+
+  `__call__` slices one layer's parameters at a time (scan or Python loop) and merges them into
+  this same module structure, so the block code below is written for a single layer.
+  """
+
+  def __init__(self, c: ModelConfig, *, rngs):
+    L = c.n_layers
+    pd = DTYPES[c.param_dtype]
+    self.attn_norm = RMSNorm(c.d_model, c.norm_eps, pd, layers=L)
+    self.attn = Attention(c, layers=L, rngs=rngs)
+    self.mlp_norm = RMSNorm(c.d_model, c.norm_eps, pd, layers=L)
+    self.mlp = MLP(c, layers=L, rngs=rngs)
+
+  def layer(self, x_BTD, positions_BT, rope, impl, kv_cache=None):
+    """One block; `self` holds a single layer's parameters here. `rope`: (cos, sin) tables."""
+    residual = ("batch", "seq", "embed")
+    h_BTD, new_cache = self.attn(self.attn_norm(x_BTD), positions_BT, rope, impl, kv_cache)
+    x_BTD = sharding.constrain(x_BTD + h_BTD, residual)
+    x_BTD = sharding.constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), residual)
+    return x_BTD, new_cache
+
+
+def _remat(fn, policy):
+  if policy == "none":
+    return fn
+  if policy == "full":
+    return jax.checkpoint(fn)
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*SAVED_BY_DOTS))
+
+
+class Llama(nnx.Module):
+  """Decoder-only LLaMA. `model(tokens_BT)` gives fp32 logits [B, T, V]."""
+
+  def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = c
+    D, V = c.d_model, c.vocab_size
+    pd = DTYPES[c.param_dtype]
+    self.embed = nnx.Embed(V, D, param_dtype=pd, dtype=DTYPES[c.dtype],
+                           embedding_init=nnx.initializers.normal(c.init_std), rngs=rngs)
+    self.embed.embedding.set_metadata(logical_axes=("vocab", "embed"))
+    self.blocks = Blocks(c, rngs=rngs)
+    self.final_norm = RMSNorm(D, c.norm_eps, pd)
+    if not c.tie_embeddings:
+      self.lm_head = nnx.Linear(D, V, use_bias=False, param_dtype=pd,
+                                kernel_init=nnx.initializers.normal(c.init_std), rngs=rngs)
+      self.lm_head.kernel.set_metadata(logical_axes=("embed", "vocab"))
+
+  def head_kernel(self):
+    """The (D, V) output projection, the embedding's transpose when tied."""
+    if self.config.tie_embeddings:
+      return self.embed.embedding[...].T
+    return self.lm_head.kernel[...]
+
+  def hidden_states(self, tokens_BT, positions_BT=None, kv_caches=None):
+    """Final-normed hidden states [B, T, D] in the compute dtype (and updated caches)."""
+    c = self.config
+    dt = DTYPES[c.dtype]
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    rope = rope_tables(positions_BT, jnp.asarray(rope_frequencies(c)))
+    x_BTD = sharding.constrain(self.embed(tokens_BT).astype(dt), ("batch", "seq", "embed"))
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(x_BTD, layer_state, kv_cache):
+      layer = nnx.merge(graphdef, layer_state)
+      return layer.layer(x_BTD, positions_BT, rope, c.attention, kv_cache)
+
+    body = _remat(body, c.remat)
+    if kv_caches is None and c.scan_layers:
+      def scan_body(x_BTD, layer_state):
+        x_BTD, _ = body(x_BTD, layer_state, None)
+        return x_BTD, None
+      x_BTD, _ = jax.lax.scan(scan_body, x_BTD, stacked)
+      new_caches = None
+    else:
+      new_caches = [] if kv_caches is not None else None
+      for i in range(c.n_layers):
+        layer_state = jax.tree.map(lambda a, i=i: a[i], stacked)
+        x_BTD, cache = body(x_BTD, layer_state, None if kv_caches is None else kv_caches[i])
+        if new_caches is not None:
+          new_caches.append(cache)
+    x_BTD = self.final_norm(x_BTD)
+    if kv_caches is not None:
+      return x_BTD, new_caches
+    return x_BTD
+
+  def logits(self, x_BTD):
+    """fp32 logits from hidden states: the matmul accumulates and returns fp32."""
+    w_DV = self.head_kernel().astype(x_BTD.dtype)
+    return ops.einsum("btd,dv->btv", x_BTD, w_DV, preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_BT):
+    return self.logits(self.hidden_states(tokens_BT))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """One layer's keys and values for decoding; position -1 marks an empty slot."""
+  k_BSKH: jax.Array
+  v_BSKH: jax.Array
+  positions_BS: jax.Array
+
+  @classmethod
+  def empty(cls, c: ModelConfig, batch, length, dtype=None):
+    dtype = dtype or DTYPES[c.dtype]
+    shape = (batch, length, c.kv_heads, c.dim_per_head)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.full((batch, length), -1, jnp.int32))
+
+  def update(self, k_BTKH, v_BTKH, positions_BT):
+    """Write new keys/values at their positions (slot = position modulo cache length)."""
+    S = self.k_BSKH.shape[1]
+    slots_BT = positions_BT % S
+    b_B1 = jnp.arange(k_BTKH.shape[0])[:, None]
+    return KVCache(self.k_BSKH.at[b_B1, slots_BT].set(k_BTKH.astype(self.k_BSKH.dtype)),
+                   self.v_BSKH.at[b_B1, slots_BT].set(v_BTKH.astype(self.v_BSKH.dtype)),
+                   self.positions_BS.at[b_B1, slots_BT].set(positions_BT))
+
+
+def create(c: ModelConfig, seed: int = 0) -> Llama:
+  """A freshly initialised model (under `jax.jit` with out_shardings it is created sharded).
+
+  The key is JAX's default threefry, which is partitionable (`jax_threefry_partitionable`, on by
+  default since JAX 0.5): each device generates only its own shard of every parameter, and the
+  values are the same on every mesh (tests/test_train.py checks sharded == one device). `rbg`
+  keys are not partitionable: on 8 devices each did 4x its share of the work.
+  """
+  return Llama(c, rngs=nnx.Rngs(params=jax.random.key(seed)))
+
+
+def abstract_model(c: ModelConfig) -> Llama:
+  """The model with ShapeDtypeStructs instead of arrays: free, even for 1.4B parameters."""
+  return nnx.eval_shape(lambda: create(c))
+
+
+def logical_axes(model: Llama) -> dict[str, Any]:
+  """Nested dict (same structure as the params) of each parameter's logical axis names."""
+  _, state = nnx.split(model, nnx.Param)
+  axes = {}
+  for path, variable in nnx.to_flat_state(state):
+    node = axes
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = tuple(variable.get_metadata()["logical_axes"])
+  return axes
+
+
+def params_of(model: Llama) -> tuple[nnx.GraphDef, dict]:
+  """(graphdef, params as a pure nested dict of arrays); `nnx.merge(graphdef, params)` inverts."""
+  graphdef, state = nnx.split(model, nnx.Param)
+  return graphdef, nnx.to_pure_dict(state)

@@ -1,0 +1,29 @@
+"""The package is pure Python and leaves its process alone (DESIGN.md): one py3-none-any wheel, no
+compiled sources, nothing that preloads a library or rewrites the environment."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "jaxtrain"
+
+
+def test_the_wheel_is_pure_python(tmp_path):
+  pytest.importorskip("setuptools")
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                  "-w", str(tmp_path), str(REPO)], check=True, timeout=300)
+  (wheel,) = tmp_path.glob("*.whl")
+  assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+
+
+def test_no_native_code_and_no_process_wide_tweaks():
+  assert not [p for p in PACKAGE.rglob("*") if p.suffix in (".c", ".cc", ".cpp", ".cu", ".so")]
+  offending = re.compile(r"LD_PRELOAD|ctypes|GLIBC_TUNABLES|os\.exec|os\.environ\[[^]]+\]\s*=|"
+                         r"os\.environ\.(setdefault|update)|putenv")
+  hits = [f"{p.relative_to(REPO)}:{i}" for p in PACKAGE.rglob("*.py")
+          for i, line in enumerate(p.read_text().splitlines(), 1) if offending.search(line)]
+  assert not hits, hits
