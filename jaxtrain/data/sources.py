@@ -4,7 +4,7 @@ Each reader yields `(name, Document)` one document at a time, so preparation hol
 one row group (Parquet) or one file (.txt, a single document by definition) in memory, never a
 whole corpus. Names are what the train/validation hash is taken of: the path relative to the
 corpus root for a .txt file, `path:line` for JSONL (the line of the decompressed stream), and
-`path:row` for Parquet (the row within the file), so a document keeps its split when other files
+`path:row` for Parquet (the row within the file), with no .gz/.zst suffix, so a document keeps its split when other files
 are added or removed.
 
 Every problem with the input is a `UserError` of one line naming the file (and line or row).
@@ -120,7 +120,10 @@ class LocalFiles:
   text_field: str
 
   def name(self, i: int) -> str:
-    return self.files[i].relative_to(self.root).as_posix()
+    """File i's part of its documents' names: the path under the root, without .gz/.zst, so
+    that compressing a file keeps every document in its split."""
+    rel = self.files[i].relative_to(self.root).as_posix()
+    return rel.removesuffix('.gz').removesuffix('.zst')
 
   def documents(self, i: int) -> Iterator[tuple[str, Document]]:
     """(name, document) of file i, streamed; raises UserError on the first problem found."""

@@ -53,6 +53,8 @@ _RECORD_OPTIONS = 'group_size:1,zstd:1'
 # Documents are tokenized in chunks of about this many characters (bounded memory, native batch).
 _CHUNK_CHARS = 4 << 20
 STATS_FILE = 'stats.json'
+# Bytes in data.shard_mb's unit (a module constant so that tests can make shards small).
+_MB = 1 << 20
 _DONE_FILE = 'done.json'
 _TOKENIZER_DONE = 'tokenizer.done'
 _TABLE_FILE = 'token_bytes.npy'
@@ -253,7 +255,7 @@ def _run_units(corpus, directory: pathlib.Path, tokenizer, data_cfg, process_ind
   order = units[process_index::process_count] + [
       u for i, u in enumerate(units) if i % process_count != process_index]
   todo = [u for u in order if not (_unit_dir(directory, u) / _DONE_FILE).is_file()]
-  shard_bytes = data_cfg.shard_mb << 20
+  shard_bytes = data_cfg.shard_mb * _MB
   workers = min(worker_count(data_cfg.prepare_workers), len(todo))
   if workers <= 1 or not corpus.parallel:
     for unit in todo:
@@ -376,7 +378,7 @@ def _finish(corpus, data_cfg, vocab_size: int, directory: pathlib.Path, tokenize
       dones[unit] = json.loads((_unit_dir(directory, unit) / _DONE_FILE).read_text())
     except (OSError, ValueError):
       # Units are written before _finish runs; a missing one means it was removed meanwhile.
-      _claim_and_write(corpus, unit, directory, tokenizer, data_cfg.shard_mb << 20)
+      _claim_and_write(corpus, unit, directory, tokenizer, data_cfg.shard_mb * _MB)
       dones[unit] = json.loads((_unit_dir(directory, unit) / _DONE_FILE).read_text())
   shards = {s: [] for s in corpus_lib.SPLITS}
   splits = {s: {'documents': 0, 'tokens': 0, 'bytes': 0, 'replaced_chars': 0}
