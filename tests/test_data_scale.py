@@ -4,6 +4,10 @@ import gzip
 import json
 import pathlib
 import random
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 
 import grain
@@ -213,6 +217,33 @@ def test_killed_preparation_resumes_and_gives_the_same_shards(tmp_path, monkeypa
   assert resumed.info['splits'] == reference.info['splits']
   assert resumed.info['shards'] == reference.info['shards']
   assert all_records(resumed) == all_records(reference)
+
+
+def test_sigkilled_preparation_resumes_and_gives_the_same_shards(tmp_path):
+  corpus = tmp_path / 'corpus'
+  for i in range(8):
+    write_jsonl(corpus / f'part-{i:03d}.jsonl', make_texts(1500, seed=i))
+  reference = store.prepare(config(tmp_path / 'ref', corpus), VOCAB)
+  cfg = config(tmp_path / 'run', corpus)
+  script = ('import sys, json; sys.path.insert(0, %r); import ml_collections; '
+            'from jaxtrain.data import store; '
+            'store.prepare(ml_collections.ConfigDict(json.loads(sys.argv[1])), %d)'
+            % (str(pathlib.Path(__file__).parents[1]), VOCAB))
+  proc = subprocess.Popen([sys.executable, '-c', script, json.dumps(cfg.to_dict())])
+  data_dir = tmp_path / 'run' / 'data'
+  deadline = time.monotonic() + 120
+  while not list(data_dir.glob('tokens-v*/*/*/units/*/done.json')) and proc.poll() is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  finished_before = len(list(data_dir.glob('tokens-v*/*/*/units/*/done.json')))
+  assert not list(data_dir.glob('tokens-v*/*/*/stats.json'))
+  assert 1 <= finished_before < 8
+  resumed = store.prepare(cfg, VOCAB)
+  assert resumed.info['shards'] == reference.info['shards']
+  assert all_records(resumed) == all_records(reference)
+  assert not list(data_dir.glob('tokens-v*/*/*/units/.tmp-*'))  # the killed run's leftovers
 
 
 def test_two_workers_and_two_hosts_give_the_same_shards_as_one(tmp_path):

@@ -232,7 +232,10 @@ def _prepare_tokenizer(corpus, data_cfg, vocab_size: int,
       raise UserError(f'data.tokenizer: {data_cfg.tokenizer} has {tokenizer.vocab_size} '
                       f'tokens, more than the model vocab_size {vocab_size}')
   directory.mkdir(parents=True, exist_ok=True)
-  tmp = directory / f'.tokenizer-{os.getpid()}'
+  host = socket.gethostname()
+  for stale in directory.glob(f'.tokenizer-{host}-*'):  # a killed run's (we hold the lock)
+    shutil.rmtree(stale, ignore_errors=True)
+  tmp = directory / f'.tokenizer-{host}-{os.getpid()}'
   shutil.rmtree(tmp, ignore_errors=True)
   tokenizer.save(tmp)
   if tokenizer.byte_table is not None:
@@ -273,7 +276,11 @@ _worker_tokenizer = None
 
 
 def _worker_init(directory: str) -> None:
+  """Each worker tokenizes on one core: the workers are the parallelism, and HF tokenizers'
+  own threads on every core in every worker would only fight over them."""
   global _worker_tokenizer  # pylint: disable=global-statement
+  os.environ['TOKENIZERS_PARALLELISM'] = 'false'
+  os.environ['RAYON_NUM_THREADS'] = '1'
   _worker_tokenizer = tokenizer_lib.load(directory)
 
 
@@ -287,6 +294,9 @@ def _claim_and_write(corpus, unit: int, directory: pathlib.Path, tokenizer,
   final = _unit_dir(directory, unit)
   with _locked(directory / 'units' / f'.{unit:05d}.lock'):
     if not (final / _DONE_FILE).is_file():
+      # What a killed run of this unit on this machine left behind (we hold the unit's lock).
+      for stale in final.parent.glob(f'.tmp-{final.name}-{socket.gethostname()}-*'):
+        shutil.rmtree(stale, ignore_errors=True)
       write_unit(corpus, unit, directory, tokenizer, shard_bytes)
 
 
