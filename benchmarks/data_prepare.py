@@ -8,7 +8,9 @@ words, deterministic), trains a byte-level BPE tokenizer on a sample and saves i
 tokenizer.json (so that timing covers tokenizing and writing, as with a user's HF tokenizer),
 then prepares the corpus from scratch once per worker count, each in a fresh process, and reads
 the prepared shards with the training iterator. Peak RSS is the largest of the preparing process
-and its workers (each a separate process, so their sum can be larger). Prints a markdown table.
+and its workers (each a separate process, so their sum can be larger); CPU s is the CPU time of
+all of them up to the end of preparation (against wall time it shows how many cores the run
+actually got on a shared machine). Prints a markdown table.
 """
 
 import argparse
@@ -88,6 +90,8 @@ def child(spec):
   start = time.perf_counter()
   stats = data.prepare(cfg, spec['vocab_size'])
   prepare_s = time.perf_counter() - start
+  cpu_s = sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
+              for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
   tokens = stats['train']['tokens'] + stats['validation']['tokens']
   it = data.train_iterator(cfg, spec['vocab_size'], 16, seed=0, process_index=0, process_count=1)
   for _ in range(5):
@@ -100,6 +104,7 @@ def child(spec):
   print(json.dumps({'prepare_s': prepare_s, 'tokens': tokens, 'docs': stats['train']['documents']
                     + stats['validation']['documents'], 'loader': loader,
                     'rss_main_mb': kib(resource.RUSAGE_SELF) / 1024,
+                    'cpu_s': cpu_s,
                     'rss_workers_mb': kib(resource.RUSAGE_CHILDREN) / 1024}))
 
 
@@ -157,14 +162,15 @@ def main(argv=None):
         f'{args.format} files (generated in {gen_s:.0f} s); tokenizer.json BPE vocab '
         f'{args.vocab_size}.')
   print()
-  print('| workers | documents | tokens | prepare | tokens/s | vs first row | peak RSS main | '
-        'peak RSS worker | loader tokens/s |')
-  print('|---|---|---|---|---|---|---|---|---|')
+  print('| workers | documents | tokens | prepare | tokens/s | vs first row | CPU s (all '
+        'processes) | peak RSS main | peak RSS worker | loader tokens/s |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
   for workers, label, r in rows:
     rate = r['tokens'] / r['prepare_s']
     worker_rss = f"{r['rss_workers_mb']:,.0f} MB" if workers > 1 else '-'
     print(f"| {label} | {r['docs']:,} | {r['tokens']:,} | {r['prepare_s']:.1f} s | "
-          f"{rate:,.0f} | {rate / base:.2f}x | {r['rss_main_mb']:,.0f} MB | {worker_rss} | "
+          f"{rate:,.0f} | {rate / base:.2f}x | {r['cpu_s']:.1f} | {r['rss_main_mb']:,.0f} MB | "
+          f"{worker_rss} | "
           f"{r['loader']:,.0f} |")
 
 
