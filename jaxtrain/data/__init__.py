@@ -85,9 +85,14 @@ def prepare(data_cfg, vocab_size: int, *, process_index: int = 0,
   return total
 
 
-def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
-  """The tokenizer the prepared data was made with (preparing first if needed)."""
-  return _prepared(data_cfg, vocab_size)[0][1].tokenizer()
+def load_tokenizer(data_cfg, vocab_size: int, *, process_index: int = 0,
+                   process_count: int = 1) -> Tokenizer:
+  """The tokenizer the prepared data was made with (preparing first if needed).
+
+  A multi-host job that prepares here should pass its process index and count, as for
+  `prepare`, so that each host starts with its own share of the files.
+  """
+  return _prepared(data_cfg, vocab_size, process_index, process_count)[0][1].tokenizer()
 
 
 def train_iterator(data_cfg, vocab_size: int, batch_size: int, *, seed: int = 0,
