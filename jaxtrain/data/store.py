@@ -28,6 +28,7 @@ give bytes per token from their vocabulary (token_bytes.npy), so most records ca
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -265,11 +266,22 @@ def _run_units(corpus, directory: pathlib.Path, tokenizer, data_cfg, process_ind
       _claim_and_write(corpus, unit, directory, tokenizer, shard_bytes)
     return
   # spawn: the caller may have started JAX or threads, which fork would copy in a broken state.
+  # An executor rather than a Pool: a worker that dies is an error here, not a silent respawn.
   ctx = multiprocessing.get_context('spawn')
-  with ctx.Pool(workers, initializer=_worker_init, initargs=(str(directory),)) as pool:
-    for _ in pool.imap_unordered(_worker_write,
-                                 [(corpus, u, str(directory), shard_bytes) for u in todo]):
-      pass
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                              initargs=(str(directory),)) as pool:
+    try:
+      for future in concurrent.futures.as_completed(
+          [pool.submit(_worker_write, (corpus, u, str(directory), shard_bytes)) for u in todo]):
+        future.result()
+    except concurrent.futures.process.BrokenProcessPool:
+      raise UserError('data.prepare_workers: a preparation worker died (killed, or a script '
+                      "that calls prepare outside `if __name__ == '__main__':`, which spawned "
+                      'workers re-run); set data.prepare_workers=1 to prepare in this '
+                      'process') from None
+    except BaseException:
+      pool.shutdown(wait=True, cancel_futures=True)
+      raise
 
 
 _worker_tokenizer = None
