@@ -340,6 +340,6 @@ def test_prepared_files_live_under_data_dir(tmp_path):
   prepared = store.prepare(cfg, VOCAB)
   assert prepared.directory.is_relative_to(tmp_path / 'data')
   assert (prepared.directory / 'tokenizer.json').is_file()
-  assert prepared.split_path('train').is_file()
+  assert all(pathlib.Path(p).is_file() for p in prepared.split_paths('train'))
   with pytest.raises(UserError, match="split 'test' does not exist"):
-    prepared.split_path('test')
+    prepared.split_paths('test')

@@ -51,8 +51,8 @@ def assert_same_batches(a, b):
 
 def stored_docs(cfg, split='train'):
   prepared = store.prepare(cfg, VOCAB)
-  source = grain.sources.ArrayRecordDataSource(str(prepared.split_path(split)))
-  return prepared, [store.decode_record(source[i]) for i in range(len(source))]
+  source = grain.sources.ArrayRecordDataSource(prepared.split_paths(split))
+  return prepared, [prepared.decode_record(source[i]) for i in range(len(source))]
 
 
 def test_batches_have_the_promised_shapes_and_values(cfg):
