@@ -22,12 +22,13 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.source = 'default'
   # 'bpe' (byte-level BPE trained on the train split), or a tokenizer.json / sentencepiece .model.
   cfg.tokenizer = 'bpe'
-  cfg.seq_len = 256
-  # Prepared datasets, tokenizers and token files; shared by every run on this machine.
+  cfg.seq_len = 256  # Tokens per training sequence (documents are packed).
+  # Prepared datasets, tokenizers and token files, shared by every run on this machine
+  # (default: $JAXTRAIN_DATA_DIR if set).
   cfg.data_dir = os.environ.get('JAXTRAIN_DATA_DIR', DEFAULT_DATA_DIR)
   # JSONL key (and TFDS feature) that holds a document's text.
   cfg.text_field = 'text'
-  cfg.shuffle_seed = 0
+  cfg.shuffle_seed = 0  # Seed of the training data order.
   # Use only the first N documents (0 = all): small corpora for tests and quick runs.
   cfg.max_docs = 0
   # Share of documents (chosen by a hash of their name) held out for validation.
