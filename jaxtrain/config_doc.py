@@ -234,7 +234,13 @@ def render():
       "anything compiles). Set any of them on the command line with `--config.KEY=VALUE`, e.g.",
       "`jaxtrain train --config.optimizer.name=muon --config.train.steps=500`, or in a config",
       "file's `get_config`. Config files (`configs/default.py`, `configs/llama.py:SIZE,HW`) change",
-      "only what differs from these defaults.",
+      "only what differs from these defaults. `jaxtrain info` checks a config and its overrides",
+      "without training:",
+      "",
+      "```bash runnable",
+      "jaxtrain info --config=configs/llama.py:toy --config.optimizer.name=muon "
+      "--config.optimizer.muon.ns_coeffs=polar_express",
+      "```",
   ]
   section = None
   for key, default, kind, meaning, valid, where in rows:
