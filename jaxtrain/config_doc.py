@@ -12,6 +12,7 @@ the committed file differs from what this prints.
 import ast
 import contextlib
 import copy
+import importlib
 import inspect
 import io
 import os
@@ -28,11 +29,28 @@ COMMAND = "python -m jaxtrain.config_doc > docs/configuration.md"
 
 
 def _sources():
-  """(object whose source defines keys, prefix of the keys it defines)."""
-  from jaxtrain import model, optim  # pylint: disable=import-outside-toplevel
-  from jaxtrain.data import config as data_config  # pylint: disable=import-outside-toplevel
-  return [(model.ModelConfig, "model."), (data_config.default_config, "data."),
-          (optim.default_config, "optimizer."), (config_lib.base_config, "")]
+  """[(object whose source defines keys, prefix of its keys)]: `base_config()` itself, and for each
+  `cfg.SECTION = ...` in it, the module-level function or class it calls (`optim.default_config()`,
+  `model.ModelConfig()`), so a section built in a new module is found without editing this file."""
+  found = [(config_lib.base_config, "")]
+  tree = ast.parse(textwrap.dedent(inspect.getsource(config_lib.base_config)))
+  for node in ast.walk(tree):
+    if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+      continue
+    path = _attribute_path(node.targets[0])
+    if not path or len(path) != 1:
+      continue
+    for call in ast.walk(node.value):
+      func = getattr(call, "func", None)
+      if isinstance(call, ast.Call) and isinstance(func, ast.Attribute) and isinstance(
+          func.value, ast.Name):
+        try:
+          obj = getattr(importlib.import_module(f"jaxtrain.{func.value.id}"), func.attr)
+        except (ImportError, AttributeError):
+          continue
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+          found.append((obj, f"{path[0]}."))
+  return found
 
 
 def _comments(source):

@@ -59,4 +59,7 @@ def test_notebook_executes_in_a_fresh_kernel_within_budget(name, workspace, monk
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if o.output_type == "error"]
   assert not errors, errors
+  said = [o.text for c in nb.cells if c.cell_type == "code" for o in c.outputs
+          if o.output_type == "stream" and o.text.startswith("jaxtrain from ")]
+  assert said and said[0].split()[-1] == REPO, f"the kernel imported another jaxtrain: {said}"
   assert elapsed < BUDGET_S, f"notebooks/{name} took {elapsed:.0f}s; keep it under {BUDGET_S}s"
