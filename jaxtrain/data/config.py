@@ -20,7 +20,8 @@ def default_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   # 'default' (Python stdlib), a path / directory / glob of .txt or .jsonl files, or 'tfds:NAME'.
   cfg.source = 'default'
-  # 'bpe' (byte-level BPE trained on the train split), or a tokenizer.json / sentencepiece .model.
+  # 'bpe' (byte-level BPE trained on the train split, model.vocab_size tokens), or a tokenizer.json
+  # or sentencepiece .model (or a directory holding one).
   cfg.tokenizer = 'bpe'
   cfg.seq_len = 256  # Tokens per training sequence (documents are packed).
   # Prepared datasets, tokenizers and token files, shared by every run on this machine
@@ -28,7 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.data_dir = os.environ.get('JAXTRAIN_DATA_DIR', DEFAULT_DATA_DIR)
   # JSONL key (and TFDS feature) that holds a document's text.
   cfg.text_field = 'text'
-  cfg.shuffle_seed = 0  # Seed of the training data order.
+  cfg.shuffle_seed = 0  # Seed of the training data order (combined with train.seed).
   # Use only the first N documents (0 = all): small corpora for tests and quick runs.
   cfg.max_docs = 0
   # Share of documents (chosen by a hash of their name) held out for validation.

@@ -47,9 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eps = 1e-8  # AdamW epsilon
   c.no_decay = DEFAULT_NO_DECAY  # path regexes without weight decay
   c.schedule = 'cosine'  # 'cosine' | 'wsd' | 'constant', all after linear warm-up
-  c.warmup_steps = 100  # linear warm-up from 0 to the peak lr
+  c.warmup_steps = 100  # step s < warmup_steps gets (s+1)/warmup_steps of the peak; <= train.steps
   c.min_lr_ratio = 0.1  # final lr / peak lr (cosine, wsd)
-  c.decay_fraction = 0.2  # wsd: fraction of the run spent decaying
+  c.decay_fraction = 0.2  # wsd: the last fraction of steps, decaying linearly to min_lr_ratio
   c.clip_norm = 1.0  # global-norm gradient clipping; 0 = off
 
   c.muon = ml_collections.ConfigDict()
