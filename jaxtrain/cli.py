@@ -191,7 +191,11 @@ def cmd_data(argv):
   """
   args = Args(argv)
   if args.positional != ["prepare"]:
-    raise UserError("usage: jaxtrain data prepare [--config=...] [--config.data.KEY=VALUE]")
+    usage = "usage: jaxtrain data prepare [--config=...] [--config.data.KEY=VALUE]"
+    if not args.positional:
+      raise UserError(f"jaxtrain data needs a command ({usage})")
+    word = " ".join(args.positional)
+    raise UserError(f"unknown data command {word!r}{suggest(word, ['prepare'])} ({usage})")
   from jaxtrain import config as config_lib, data  # pylint: disable=import-outside-toplevel
   cfg = args.load_config()
   config_lib.validate(cfg)

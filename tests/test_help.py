@@ -68,6 +68,7 @@ def test_installed_program_answers_help_with_exit_0():
     (["eval", "--wrokdir=runs/x"], "did you mean --workdir?"),
     (["info", "--routnig"], "did you mean --routing?"),
     (["train", "--hlep"], "did you mean --help?"),
+    (["data", "prepar"], "did you mean prepare?"),
     (["info", "--config.train.stpes=3"], "did you mean --config.train.steps?"),
     (["info", "--config.optimizer.muon.ns_step=3"], "did you mean --config.optimizer.muon.ns_steps?"),
 ])
