@@ -1,4 +1,6 @@
-"""docs/configuration.md, generated from the config itself: `python -m jaxtrain.config_doc > docs/configuration.md`.
+"""docs/configuration.md, generated from the config itself.
+
+  python -m jaxtrain.config_doc > docs/configuration.md
 
 A reference written by hand drifts the day someone adds a key. Here every fact comes from the
 code: the keys and defaults from `config.base_config()`, the type from the default, the meaning

@@ -30,7 +30,8 @@ LINKED = ("configs", "tests", "docs", "notebooks")
 def runnable_blocks():
   """[(file relative to the repo, block number, [commands])] in document order."""
   blocks = []
-  for path in [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md"))):
+  docs = sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
+  for path in [os.path.join(REPO, "README.md")] + docs:
     with open(path) as f:
       text = f.read()
     for n, match in enumerate(FENCE.finditer(text)):

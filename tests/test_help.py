@@ -35,7 +35,7 @@ def test_every_verb_answers_help_with_exit_0_and_does_no_work(verb, flag, capsys
 def test_every_verb_help_has_usage_flags_examples_and_exit_codes(verb, capsys):
   text = cli.verb_help(verb)
   for part in ("usage: jaxtrain", "examples:", "exit codes"):
-    assert part in text, f"jaxtrain {verb} --help lacks {part!r}: write it in cmd_{verb}'s docstring"
+    assert part in text, f"jaxtrain {verb} --help lacks {part!r}: add it to cmd_{verb}'s docstring"
   examples = text.split("examples:", 1)[1]
   assert f"jaxtrain {verb}" in examples
   # Every flag the verb accepts (its Args(...) list, as the unknown-flag error reports it) is
@@ -70,7 +70,8 @@ def test_installed_program_answers_help_with_exit_0():
     (["train", "--hlep"], "did you mean --help?"),
     (["data", "prepar"], "did you mean prepare?"),
     (["info", "--config.train.stpes=3"], "did you mean --config.train.steps?"),
-    (["info", "--config.optimizer.muon.ns_step=3"], "did you mean --config.optimizer.muon.ns_steps?"),
+    (["info", "--config.optimizer.muon.ns_step=3"],
+     "did you mean --config.optimizer.muon.ns_steps?"),
 ])
 def test_a_mistyped_verb_flag_or_key_suggests_the_closest_one_with_exit_2(args, hint, capsys):
   assert cli.main(args) == 2
