@@ -24,14 +24,16 @@ def default_config() -> ml_collections.ConfigDict:
   # Mixture weights, one per source, comma-separated ('0.7,0.3'); '' = equal weights. Batches draw
   # rows (tokens) from the sources in these proportions.
   cfg.weights = ''
-  # 'bpe' (byte-level BPE trained on the train split), or a tokenizer.json / sentencepiece .model.
+  # 'bpe' (byte-level BPE trained on the train split, model.vocab_size tokens), or a tokenizer.json
+  # or sentencepiece .model (or a directory holding one).
   cfg.tokenizer = 'bpe'
-  cfg.seq_len = 256
-  # Prepared datasets, tokenizers and token files; shared by every run on this machine.
+  cfg.seq_len = 256  # Tokens per training sequence (documents are packed).
+  # Prepared datasets, tokenizers and token files, shared by every run on this machine
+  # (default: $JAXTRAIN_DATA_DIR if set).
   cfg.data_dir = os.environ.get('JAXTRAIN_DATA_DIR', DEFAULT_DATA_DIR)
   # JSONL key (and TFDS feature) that holds a document's text.
   cfg.text_field = 'text'
-  cfg.shuffle_seed = 0
+  cfg.shuffle_seed = 0  # Seed of the training data order (combined with train.seed).
   # Use only the first N documents (0 = all): small corpora for tests and quick runs.
   cfg.max_docs = 0
   # Share of documents (chosen by a hash of their name) held out for validation.
