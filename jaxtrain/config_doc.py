@@ -12,7 +12,6 @@ the committed file differs from what this prints.
 """
 
 import ast
-import contextlib
 import copy
 import importlib
 import inspect
@@ -197,21 +196,12 @@ def valid_values(cfg, dotted, node, key):
   return " and ".join(said)
 
 
-@contextlib.contextmanager
-def _machine_independent_defaults():
-  """Defaults read from the environment (data.data_dir) are documented as the code's own."""
-  saved = os.environ.pop("JAXTRAIN_DATA_DIR", None)
-  try:
-    yield
-  finally:
-    if saved is not None:
-      os.environ["JAXTRAIN_DATA_DIR"] = saved
-
-
 def entries():
   """[(key, default, type, meaning, valid values, defined at)] in the order of the sources."""
-  with _machine_independent_defaults():
-    cfg = config_lib.base_config()
+  from jaxtrain.data import config as data_config  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.base_config()
+  # data.data_dir defaults to $JAXTRAIN_DATA_DIR where set: document the code's own default.
+  cfg.data.data_dir = data_config.DEFAULT_DATA_DIR
   found = definitions()
   rows = []
   for dotted, node, key in _leaves(cfg):

@@ -1,17 +1,14 @@
 """The `jaxtrain` command.
 
-  jaxtrain train [--config=configs/default.py] [--config.KEY=VALUE ...] [--workdir=runs/default]
-  jaxtrain eval --workdir=DIR [--split=validation] [--batches=N]
-  jaxtrain info --config=configs/llama.py:1.4b [--routing]
-  jaxtrain info --config=configs/llama.py:1.4b,a40 --plan [--devices=8] [--json] [--mfu=0.4]
-  jaxtrain data prepare [--config=...]
-  jaxtrain convert SRC DST            # HF directory <-> jaxtrain workdir, direction detected
-  jaxtrain compare RUN_DIR... [--out=compare.png]   # runs on different hardware, normalised
-
-Exit codes: 0 success, 2 bad input (one line on stderr naming the culprit), 1 other failure.
+Each verb is one `cmd_VERB(argv)` function listed in COMMANDS; its docstring *is* its help
+(`jaxtrain VERB --help`): first line a summary (shown by `jaxtrain --help`), then usage, flags,
+examples and exit codes. Keeping the help next to the code that parses the flags is what keeps it
+true, and lets a new verb arrive without touching a central table beyond COMMANDS.
 """
 
+import difflib
 import json
+import inspect
 import os
 import sys
 
@@ -19,7 +16,27 @@ from jaxtrain.errors import UserError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "default.py")
-USAGE = __doc__
+HELP_FLAGS = ("-h", "--help")
+EXIT_CODES = ("exit codes: 0 success, 2 bad input (one line on stderr naming the culprit), "
+              "1 other failure")
+
+
+def suggest(word, choices, prefix=""):
+  """"; did you mean X?" for the closest of `choices` to a mistyped `word`, or ""."""
+  match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+  return f"; did you mean {prefix}{match[0]}?" if match else ""
+
+
+def _config_keys():
+  from jaxtrain import config as config_lib  # pylint: disable=import-outside-toplevel
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if hasattr(value, "items"):
+        yield from walk(value, f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}"
+  return list(walk(config_lib.base_config(), ""))
 
 
 class Args:
@@ -43,8 +60,9 @@ class Args:
         name, sep, value = arg[2:].partition("=")
         name = name.replace("-", "_")
         if name not in flags:
-          raise UserError(f"unknown flag --{name} (this command takes: "
-                          f"{', '.join('--' + f for f in ('config',) + tuple(flags))})")
+          known = ("config",) + tuple(flags)
+          raise UserError(f"unknown flag --{name}{suggest(name, known + ('help',), '--')} "
+                          f"(this command takes: {', '.join('--' + f for f in known)})")
         self.flags[name] = value if sep else "true"
       else:
         self.positional.append(arg)
@@ -54,10 +72,38 @@ class Args:
     spec = self.config or DEFAULT_CONFIG
     if not self.config and not os.path.exists(DEFAULT_CONFIG):
       raise UserError("no --config given and configs/default.py is not next to the package")
-    return config_lib.load_config(spec, self.overrides)
+    try:
+      return config_lib.load_config(spec, self.overrides)
+    except UserError as e:
+      # A mistyped override names a key that does not exist: point at the one that was meant.
+      for key, _ in self.overrides:
+        if str(e) == f"config key {key} does not exist":
+          raise UserError(f"{e}{suggest(key, _config_keys(), '--config.')}") from None
+      raise
 
 
 def cmd_train(argv):
+  """Train a model, or resume it: the same command on the same workdir continues.
+
+  usage: jaxtrain train [--config=FILE[:ARG]] [--config.KEY=VALUE ...] [--workdir=DIR]
+         jaxtrain [--config=...] ...          (train is the verb when none is given)
+
+  flags:
+    --config=FILE[:ARG]  config file and the argument of its get_config (default
+                         configs/default.py: a small fp32 LLaMA on the embedded corpus)
+    --config.KEY=VALUE   set any config key, e.g. --config.optimizer.name=muon
+                         (every key: docs/configuration.md)
+    --workdir=DIR        run directory: config.json, metrics.jsonl, loss.png, checkpoints/
+                         (default runs/default)
+
+  examples:
+    jaxtrain train
+    jaxtrain train --config=configs/llama.py:35m --config.optimizer.name=muon --workdir=runs/35m
+    jaxtrain train --config=configs/llama.py:125m,h100 --workdir=runs/125m
+
+  exit codes: 0 trained to train.steps; 1 preempted (SIGTERM: a checkpoint was saved, re-run the
+  same command to resume) or another failure; 2 bad config, data or arguments (one line on stderr)
+  """
   import jaxtrain  # pylint: disable=import-outside-toplevel
   args = Args(argv, flags=("workdir",))
   cfg = args.load_config()
@@ -70,6 +116,25 @@ def cmd_train(argv):
 
 
 def cmd_eval(argv):
+  """Loss, perplexity and bits per byte of a run's checkpoint on a split of its data.
+
+  usage: jaxtrain eval --workdir=DIR [--split=validation] [--batches=N] [--step=S]
+                       [--config.data.KEY=VALUE ...]
+
+  flags:
+    --workdir=DIR        a training run's directory (or give DIR as the first word)
+    --split=NAME         train or validation (default validation)
+    --batches=N          evaluate N batches (default the run's train.eval_batches)
+    --step=S             checkpoint step (default the latest)
+    --config.KEY=VALUE   e.g. --config.data.source=other.jsonl to evaluate on other data
+
+  examples:
+    jaxtrain eval --workdir=runs/default
+    jaxtrain eval runs/35m --split=train --batches=4
+
+  exit codes: 0 printed the numbers; 2 no such run, step or split (one line on stderr); 1 other
+  failure
+  """
   from jaxtrain import evaluate  # pylint: disable=import-outside-toplevel
   args = Args(argv, flags=("workdir", "split", "batches", "step"))
   workdir = args.flags.get("workdir") or (args.positional[0] if args.positional else None)
@@ -85,6 +150,29 @@ def cmd_eval(argv):
 
 
 def cmd_info(argv):
+  """Parameters, FLOPs per token and memory of a config, computed abstractly (instant).
+
+  usage: jaxtrain info [--config=FILE[:ARG]] [--config.KEY=VALUE ...] [--routing]
+         jaxtrain info [--config=...] --plan [--devices=N] [--json] [--mfu=0.4]
+
+  flags:
+    --config=FILE[:ARG]  config file (default configs/default.py)
+    --config.KEY=VALUE   override any config key
+    --routing            also print which parameters go to Muon and which to AdamW
+    --plan               compile the real training step ahead of time (nothing allocated) and
+                         print XLA's per-device memory and FLOPs against the target's memory
+                         (train.hardware, else this machine's GPU)
+    --devices=N          plan for N devices (fake CPU devices in a subprocess if fewer are here)
+    --json               the plan as JSON (the dict jaxtrain.plan returns)
+    --mfu=F              the MFU the plan's step time assumes (default 0.4)
+
+  examples:
+    jaxtrain info --config=configs/llama.py:1.4b
+    jaxtrain info --config=configs/llama.py:125m --config.optimizer.name=muon --routing
+    jaxtrain info --config=configs/llama.py:1.4b,a40 --plan --devices=8
+
+  exit codes: 0 printed; 2 bad config (one line on stderr); 1 other failure
+  """
   from jaxtrain import info  # pylint: disable=import-outside-toplevel
   args = Args(argv, flags=("routing", "plan", "devices", "json", "mfu"))
   cfg = args.load_config()
@@ -116,9 +204,31 @@ def _float_flag(args, name):
 
 
 def cmd_data(argv):
+  """Prepare a config's data ahead of training: split, train the tokenizer, tokenize.
+
+  usage: jaxtrain data prepare [--config=FILE[:ARG]] [--config.data.KEY=VALUE ...]
+
+  Training prepares its data itself when it is missing; this verb does it explicitly (once per
+  machine: data.data_dir is shared by every run) and prints documents, tokens and bytes per split.
+
+  flags:
+    --config=FILE[:ARG]  config file (default configs/default.py)
+    --config.KEY=VALUE   e.g. --config.data.source=corpus/*.txt --config.data.tokenizer=bpe
+
+  examples:
+    jaxtrain data prepare
+    jaxtrain data prepare --config.data.source=tfds:tiny_shakespeare
+
+  exit codes: 0 prepared; 2 bad data config or missing files (one line on stderr); 1 other
+  failure
+  """
   args = Args(argv)
   if args.positional != ["prepare"]:
-    raise UserError("usage: jaxtrain data prepare [--config=...] [--config.data.KEY=VALUE]")
+    usage = "usage: jaxtrain data prepare [--config=...] [--config.data.KEY=VALUE]"
+    if not args.positional:
+      raise UserError(f"jaxtrain data needs a command ({usage})")
+    word = " ".join(args.positional)
+    raise UserError(f"unknown data command {word!r}{suggest(word, ['prepare'])} ({usage})")
   from jaxtrain import config as config_lib, data  # pylint: disable=import-outside-toplevel
   cfg = args.load_config()
   config_lib.validate(cfg)
@@ -132,6 +242,23 @@ def cmd_data(argv):
 
 
 def cmd_convert(argv):
+  """Convert an HF LLaMA directory to a jaxtrain workdir or back (direction detected).
+
+  usage: jaxtrain convert SRC DST [--step=S]
+
+  SRC is an HF directory (config.json + safetensors + tokenizer) and DST a new workdir, or SRC a
+  workdir and DST a new HF directory. Details: docs/convert.md.
+
+  flags:
+    --step=S   checkpoint step to export from a workdir (default the latest)
+
+  examples:
+    jaxtrain convert path/to/hf-llama runs/imported
+    jaxtrain convert runs/35m exported/35m-hf
+
+  exit codes: 0 converted; 2 not an HF directory or workdir, or unsupported config (one line on
+  stderr); 1 other failure
+  """
   from jaxtrain import convert  # pylint: disable=import-outside-toplevel
   args = Args(argv, flags=("step",))
   if len(args.positional) != 2:
@@ -143,6 +270,23 @@ def cmd_convert(argv):
 
 
 def cmd_compare(argv):
+  """Runs on different hardware side by side: loss against tokens and seconds at peak.
+
+  usage: jaxtrain compare RUN_DIR [RUN_DIR ...] [--out=compare.png]
+
+  Prints a table (device, peak, steps, tokens, loss, tokens/s, MFU and MFU relative to the first
+  run) and plots loss against tokens and against seconds at the device's dense peak, the axis on
+  which runs of one config coincide when they used their hardware equally well.
+
+  flags:
+    --out=FILE   where the plot goes (default compare.png)
+
+  examples:
+    jaxtrain compare runs/a40 runs/h100 --out=a40_vs_h100.png
+
+  exit codes: 0 printed and plotted; 2 a directory is not a training run (one line on stderr);
+  1 other failure
+  """
   from jaxtrain import compare  # pylint: disable=import-outside-toplevel
   args = Args(argv, flags=("out",))
   text, png = compare.compare(args.positional, args.flags.get("out", "compare.png"))
@@ -150,24 +294,55 @@ def cmd_compare(argv):
   print(f"plot: {png}")
 
 
-COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "info": cmd_info, "data": cmd_data,
-            "convert": cmd_convert}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "data": cmd_data,
+            "convert": cmd_convert, "compare": cmd_compare}
+
+
+def verb_help(verb):
+  """A verb's help: its function's docstring, with the common exit codes if it names none."""
+  doc = inspect.getdoc(COMMANDS[verb]) or f"jaxtrain {verb}"
+  if "exit codes" not in doc.lower():
+    doc += "\n\n" + EXIT_CODES
+  return doc
+
+
+def main_help():
+  """`jaxtrain --help`: every verb with the first line of its help."""
+  width = max(len(v) for v in COMMANDS) + 2
+  verbs = "\n".join(f"  {v:<{width}}{verb_help(v).splitlines()[0]}" for v in COMMANDS)
+  return f"""jaxtrain: pretrain LLaMA models with Muon in JAX.
+
+usage: jaxtrain VERB [--config=FILE[:ARG]] [--config.KEY=VALUE ...] [flags]
+       jaxtrain                 (no verb: train the default CPU config into runs/default)
+
+verbs:
+{verbs}
+
+`jaxtrain VERB --help` (or `jaxtrain help VERB`): the verb's flags, examples and exit codes.
+Every config key, its default and meaning: docs/configuration.md.
+{EXIT_CODES}"""
 
 
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
-  if not argv or argv[0] in ("-h", "--help", "help"):
-    if not argv:
-      argv = ["train"]
-    else:
-      print(USAGE)
+  if argv and argv[0] in HELP_FLAGS + ("help",):
+    topic = argv[1] if argv[0] == "help" and len(argv) > 1 else None
+    if topic is None:
+      print(main_help())
       return 0
+    argv = [topic, "--help"]
+  if not argv:
+    argv = ["train"]
   verb, rest = argv[0], argv[1:]
   if verb.startswith("--"):
     verb, rest = "train", argv
   if verb not in COMMANDS:
-    print(f"error: unknown command {verb!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+    print(f"error: unknown command {verb!r}{suggest(verb, COMMANDS)} "
+          f"(commands: {', '.join(COMMANDS)}; jaxtrain --help lists them)", file=sys.stderr)
     return 2
+  if any(a in HELP_FLAGS for a in rest):
+    print(verb_help(verb))
+    return 0
   from jaxtrain.trainer import Preempted  # pylint: disable=import-outside-toplevel
   try:
     COMMANDS[verb](rest)

@@ -29,22 +29,30 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.data = data.default_config()
   cfg.optimizer = optim.default_config()
   cfg.train = ml_collections.ConfigDict(dict(
-      steps=1000,
+      steps=1000,  # Optimizer steps in the whole run (also the schedule's length).
       batch_size=16,  # Global batch, in sequences of data.seq_len tokens.
       # > 0: the global batch is this many sequences per data-parallel device (data x fsdp),
       # resolved against the device count at run time; train.batch_size is then ignored.
       batch_size_per_device=0,
       microbatches=1,  # Gradient accumulation: the batch is split into this many parts.
-      seed=0,
-      log_every=10,
+      seed=0,  # Seed of parameter initialisation.
+      log_every=10,  # Steps between metrics.jsonl lines.
       eval_every=200,  # 0: evaluate only at the end.
-      eval_batches=16,
+      eval_batches=16,  # Validation batches per evaluation.
       loss_chunk=0,  # Sequence positions per chunk of the vocabulary-sized loss (0 = automatic).
-      progress_bar=True,
+      progress_bar=True,  # tqdm bar on the terminal (or notebook).
       hardware="",  # Target hardware (cpu, a40, a100, h100, h200): what `info --plan` fits to.
   ))
-  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  cfg.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2, async_save=True))
+  cfg.mesh = ml_collections.ConfigDict(dict(
+      data=-1,  # Data-parallel size (-1: the devices the other axes leave).
+      fsdp=1,  # Parameters, gradients and optimizer state sharded over this many devices.
+      tensor=1,  # Tensor parallelism: heads, MLP width and vocabulary split.
+  ))
+  cfg.checkpoint = ml_collections.ConfigDict(dict(
+      every=500,  # Steps between checkpoints (one is also saved at the end and on SIGTERM).
+      keep=2,  # Checkpoints kept; older ones are deleted.
+      async_save=True,  # Write checkpoints in the background while training goes on.
+  ))
   return cfg
 
 

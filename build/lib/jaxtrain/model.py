@@ -33,28 +33,28 @@ REMAT_POLICIES = ("none", "full", "dots")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape and numerics of one model. Field names follow the config file (`model.*`)."""
-  vocab_size: int = 4096
-  d_model: int = 320
-  n_layers: int = 6
-  n_heads: int = 5
+  vocab_size: int = 4096  # Token ids 0..vocab_size-1; covers the tokenizer (bpe trains this many).
+  d_model: int = 320  # Width of the residual stream.
+  n_layers: int = 6  # Transformer blocks.
+  n_heads: int = 5  # Query heads.
   n_kv_heads: int = 0  # 0: same as n_heads (multi-head attention).
-  d_ff: int = 864
+  d_ff: int = 864  # Hidden width of the SwiGLU MLP.
   head_dim: int = 0  # 0: d_model // n_heads.
-  max_seq_len: int = 2048
-  rope_theta: float = 10000.0
+  max_seq_len: int = 2048  # Longest sequence the model accepts (data.seq_len, prompt + generation).
+  rope_theta: float = 10000.0  # RoPE base frequency.
   # llama3 rope scaling; factor 0 disables it.
   rope_scaling_factor: float = 0.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_seq_len: int = 8192
-  norm_eps: float = 1e-5
-  tie_embeddings: bool = False
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  attention: str = "auto"
-  remat: str = "none"
-  scan_layers: bool = True
-  init_std: float = 0.02
+  rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original/low are fully scaled.
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original/high are kept.
+  rope_original_max_seq_len: int = 8192  # llama3: the context length before scaling.
+  norm_eps: float = 1e-5  # RMSNorm epsilon.
+  tie_embeddings: bool = False  # LM head shares the input embedding table.
+  dtype: str = "float32"  # Compute dtype of activations and matmuls (bfloat16 on GPUs).
+  param_dtype: str = "float32"  # Storage dtype of the (master) parameters.
+  attention: str = "auto"  # auto: cudnn where supported, cpu on CPU, xla elsewhere.
+  remat: str = "none"  # Recompute in the backward: none, full, or dots (keep matmul outputs).
+  scan_layers: bool = True  # lax.scan over layers (compile time independent of depth).
+  init_std: float = 0.02  # Normal init std; output projections get init_std / sqrt(2 n_layers).
 
   @classmethod
   def from_config(cls, cfg):

@@ -104,7 +104,7 @@ def _memory_fraction():
     return 0.75
 
 
-def plan_here(config, devices, mfu=0.4):
+def plan_here(config, devices, mfu=0.4, flops=True):
   """The plan on these (real or fake) devices; see `plan`."""
   start = time.perf_counter()
   n = len(devices)
@@ -116,7 +116,7 @@ def plan_here(config, devices, mfu=0.4):
                  "`cpu` attention stands in for cuDNN's")
   s, compiled = compile_step(config, devices)
   mem = compiled.memory_analysis()
-  flops = step_flops_per_device(config, devices)
+  flops = step_flops_per_device(config, devices) if flops else None
   cfg = s.config
   tokens = cfg.train.batch_size * cfg.data.seq_len
   model_flops = s.flops_per_token * tokens
@@ -148,7 +148,7 @@ def plan_here(config, devices, mfu=0.4):
       "fits": (total <= usable) if usable else None,
       "flops_per_device": flops,
       "model_flops_per_step": model_flops,
-      "xla_flops_over_model_flops": flops * n / model_flops if model_flops else None,
+      "xla_flops_over_model_flops": flops * n / model_flops if flops and model_flops else None,
       "peak_tflops_per_device": peak, "peak_source": peak_source,
       "mfu": mfu,
       "step_seconds_at_mfu": model_flops / (n * peak * 1e12 * mfu) if peak else None,
@@ -157,13 +157,14 @@ def plan_here(config, devices, mfu=0.4):
   }
 
 
-def plan(config, devices=None, mfu=0.4):
+def plan(config, devices=None, mfu=0.4, flops=True):
   """XLA's per-device memory and FLOPs of the training step on `devices` devices (default: this
   machine's), and whether it fits the target's memory (`train.hardware`, else this GPU).
 
   Returns a dict with at least: devices, mesh, state_bytes_per_device, temp_bytes_per_device,
   total_bytes_per_device, flops_per_device, model_flops_per_step, device_memory_bytes, fits,
-  step_seconds_at_mfu. A bad config is a UserError before anything compiles.
+  step_seconds_at_mfu. `flops=False` skips the two compiles that count FLOPs (memory only:
+  flops_per_device is None). A bad config is a UserError before anything compiles.
   """
   n = jax.device_count() if devices is None else devices
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -172,15 +173,15 @@ def plan(config, devices=None, mfu=0.4):
     raise UserError(f"--mfu must be in (0, 1], got {mfu!r}")
   config_lib.validate(config_lib.resolve(config, n), n)
   if n <= jax.device_count():
-    return plan_here(config, jax.devices()[:n], mfu)
-  return _plan_in_subprocess(config, n, mfu)
+    return plan_here(config, jax.devices()[:n], mfu, flops)
+  return _plan_in_subprocess(config, n, mfu, flops)
 
 
-def _plan_in_subprocess(config, n, mfu):
+def _plan_in_subprocess(config, n, mfu, flops):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
                        f"--xla_force_host_platform_device_count={n}")
-  request = json.dumps({"config": config.to_dict(), "devices": n, "mfu": mfu})
+  request = json.dumps({"config": config.to_dict(), "devices": n, "mfu": mfu, "flops": flops})
   proc = subprocess.run([sys.executable, "-m", "jaxtrain.planner"], input=request, env=env,
                         capture_output=True, text=True, check=False)
   for line in proc.stdout.splitlines():
@@ -195,6 +196,11 @@ def _plan_in_subprocess(config, n, mfu):
 def format_plan(p):
   """The plan as lines a person reads."""
   gib = lambda b: "-" if b is None else f"{b / 2 ** 30:.2f} GiB"
+  flops = ("not counted (flops=False)" if p["flops_per_device"] is None else
+           f"{p['flops_per_device'] / 1e12:.2f} TFLOP per device per step (XLA), model "
+           f"{p['model_flops_per_step'] / 1e12:.2f} TFLOP per step; XLA / model "
+           f"{p['xla_flops_over_model_flops']:.2f} (remat recompute, attention past the causal "
+           "half, optimizer)")
   lines = [
       f"plan: {p['devices']} devices, mesh {p['mesh']}, compiled on {p['compiled_on']}; target "
       f"{p['target'] or 'none'} ({p['target_source']})",
@@ -206,9 +212,7 @@ def format_plan(p):
       + (f" ({p['usable_fraction']:.0%} of {gib(p['device_memory_bytes'])})"
          if p["usable_fraction"] else "")
       + {True: ": fits", False: ": DOES NOT FIT", None: ""}[p["fits"]],
-      f"FLOPs: {p['flops_per_device'] / 1e12:.2f} TFLOP per device per step (XLA), model "
-      f"{p['model_flops_per_step'] / 1e12:.2f} TFLOP per step; XLA / model "
-      f"{p['xla_flops_over_model_flops']:.2f} (remat recompute, attention past the causal half, optimizer)",
+      f"FLOPs: {flops}",
   ]
   if p["step_seconds_at_mfu"]:
     lines.append(f"step time at MFU {p['mfu']:.0%}: {p['step_seconds_at_mfu']:.3f} s "
@@ -222,7 +226,8 @@ def _main():
   request = json.loads(sys.stdin.read())
   config = config_lib.load_config_dict(request["config"])
   try:
-    result = plan_here(config, jax.devices()[:request["devices"]], request["mfu"])
+    result = plan_here(config, jax.devices()[:request["devices"]], request["mfu"],
+                       request["flops"])
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

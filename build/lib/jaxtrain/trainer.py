@@ -373,7 +373,8 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
       f.write(config_lib.to_json(cfg))
 
   vocab = s.model_config.vocab_size
-  tokenizer = data.load_tokenizer(cfg.data, vocab)
+  tokenizer = data.load_tokenizer(cfg.data, vocab, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
   if is_main:
     tokenizer.save(os.path.join(workdir, "tokenizer"))
   dp_size = sharding.data_parallel_size(s.mesh)
@@ -424,11 +425,19 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
     ckpt.save(step, state.params, state.opt_state, meta, train_iter)
 
   def run_eval(step):
-    batches = data.eval_iterator(cfg.data, vocab, eval_batch // jax.process_count(),
-                                 split="validation", max_batches=cfg.train.eval_batches)
-    result = evaluate_params(s, eval_step, state.params, batches)
-    record = {"step": step, "split": "validation", **result}
+    """One eval line over the validation split; a mixture adds one line per source."""
+    batch = eval_batch // jax.process_count()
+    limit = cfg.train.eval_batches
+    batches = data.eval_iterator(cfg.data, vocab, batch, split="validation", max_batches=limit)
+    record = {"step": step, "split": "validation",
+              **evaluate_params(s, eval_step, state.params, batches)}
     writer.write(record)
+    per_source = data.eval_iterators(cfg.data, vocab, batch, split="validation",
+                                     max_batches=limit)
+    if len(per_source) > 1:
+      for name, source_batches in per_source.items():
+        writer.write({"step": step, "split": "validation", "source": name,
+                      **evaluate_params(s, eval_step, state.params, source_batches)})
     return record
 
   t_start = time.time()

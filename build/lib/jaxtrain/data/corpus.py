@@ -1,16 +1,20 @@
 """Text corpora: where documents come from, how they are checked, and how they split.
 
-Three kinds of `data.source`, one interface (`key`, `documents(split)`):
+Three kinds of `data.source`, one interface: `key`, `documents(split)` (what BPE training reads),
+and the preparation units `units()` / `unit_documents(unit)` -> (split, hash, document);
+`parallel` says whether units may go to worker processes.
 
 * `default`: the running interpreter's own standard library `.py` files, registered as the TFDS
   dataset `jaxtrain_stdlib` and written once as ArrayRecord, so training works with no download.
-* a path, directory or glob of local `.txt` (one document per file) or `.jsonl` (one per line)
-  files, read directly: they already are on disk, so a second text copy would only cost space.
+* a path, directory or glob of local `.txt` (one document per file), `.jsonl`, `.jsonl.gz`,
+  `.jsonl.zst` (one per line) or `.parquet` (one per row) files, streamed (`sources.py`): they
+  already are on disk, so a second text copy would only cost space.
 * `tfds:NAME`, any TFDS dataset already prepared as ArrayRecord in `data.data_dir`, read with
   `builder.as_data_source` (TensorFlow-free).
 
-Splits are chosen per document by a hash of its name (relative path, `path:line` for JSONL), so a
-document keeps its split when others are added or removed; a corpus of one document is cut by lines.
+Splits are chosen per document by a hash of its name (relative path, `path:line` for JSONL,
+`path:row` for Parquet) as it streams by, so a document keeps its split when others are added or
+removed; a corpus of one document is cut by lines.
 """
 
 from __future__ import annotations
@@ -19,59 +23,26 @@ import contextlib
 import dataclasses
 import hashlib
 import io
-import json
 import logging
 import os
 import pathlib
 import platform
 import sysconfig
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds  # only tf.data needs TensorFlow, and we never use it
 
 from jaxtrain.data.config import resolve_local_files
+from jaxtrain.data.sources import Document, LocalFiles, clean_str as _clean_str, decode_utf8
 from jaxtrain.errors import UserError
+
+__all__ = ['Document', 'decode_utf8', 'open_corpus', 'unit_hash', 'SPLITS']
 
 SPLITS = ('train', 'validation')
 # Directory names whose .py files are test code, not library code.
 _STDLIB_SKIP_DIRS = frozenset({'test', 'tests', 'idle_test', 'site-packages', 'dist-packages',
                                '__pycache__'})
-# A file is binary, not text with a few bad bytes, past this share of undecodable bytes.
-_MAX_INVALID_SHARE = 0.1
-
-
-class Document(NamedTuple):
-  text: str
-  # Number of U+FFFD characters that stand for undecodable bytes of the original file.
-  replaced: int
-
-
-def decode_utf8(data: bytes) -> tuple[str, int]:
-  """Decodes UTF-8, replacing each undecodable sequence with U+FFFD and counting them."""
-  try:
-    return data.decode('utf-8'), 0
-  except UnicodeDecodeError:
-    text = data.decode('utf-8', errors='replace')
-    # U+FFFD already present in the input (EF BF BD) is text, not a replacement.
-    return text, text.count('\ufffd') - data.count(b'\xef\xbf\xbd')
-
-
-def _clean_str(text: str) -> tuple[str, int]:
-  """Replaces lone surrogates (JSON can encode them) so that the text has a UTF-8 form."""
-  try:
-    text.encode('utf-8')
-    return text, 0
-  except UnicodeEncodeError:
-    return decode_utf8(text.encode('utf-8', errors='surrogatepass'))
-
-
-def _read_bytes(path: pathlib.Path) -> bytes:
-  try:
-    return path.read_bytes()
-  except OSError as e:
-    raise UserError(f'{path}: cannot read ({e.strerror})') from None
 
 
 def unit_hash(name: str) -> float:
@@ -248,6 +219,17 @@ class StdlibCorpus:
     with _quiet():
       builder.download_and_prepare(download_config=download_config)
 
+  parallel = False
+
+  def units(self) -> list[int]:
+    return [0]
+
+  def unit_documents(self, unit: int) -> Iterator[tuple[str, None, Document]]:
+    del unit
+    for split in SPLITS:
+      for doc in self.documents(split):
+        yield split, None, doc
+
   def documents(self, split: str) -> Iterator[Document]:
     self.prepare()
     source = self.builder().as_data_source(split)
@@ -260,120 +242,77 @@ class StdlibCorpus:
 # Local .txt / .jsonl files.
 
 
-@dataclasses.dataclass(frozen=True)
-class _DocRef:
-  file: int
-  line: int  # 1-based line of a JSONL document; 0 for a whole .txt file
-  name: str
-
-
 class LocalCorpus:
-  """Documents from local files, all checked before the first one is handed out.
+  """Documents streamed from local files (see `sources.LocalFiles` for the formats and checks).
 
-  `.jsonl` files hold one JSON object per line with the text under `data.text_field` (blank lines
-  are skipped, so are objects whose text is empty); any other file is one document of plain
-  text. Invalid UTF-8 inside text becomes U+FFFD and is counted; a file with NUL bytes or more than
-  10% undecodable bytes is binary and rejected, as is an empty file.
+  Preparation works in units, one file each, so that files can be tokenized by several processes
+  and a killed preparation redoes only the files it had not finished. With `max_docs` the first N
+  documents in file order are wanted, which one sequential unit over every file gives.
   """
 
   def __init__(self, source: str, text_field: str, max_docs: int, validation_fraction: float):
-    self._files = resolve_local_files(source)
-    self._text_field = text_field
-    self._fraction = validation_fraction
-    self._root = pathlib.Path(os.path.commonpath([p.parent for p in self._files]))
+    files = resolve_local_files(source)
+    root = pathlib.Path(os.path.commonpath([p.parent for p in files]))
+    self.files = LocalFiles(tuple(files), root, text_field)
+    self._fraction = self.fraction = validation_fraction
     fingerprint = hashlib.sha256()
-    for p in self._files:
+    for p in files:
       st = p.stat()
       fingerprint.update(f'{p}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
     fingerprint.update(f'{text_field}\0{max_docs}\0{validation_fraction!r}'.encode())
     # The key comes from names, sizes and times alone, so a prepared corpus is found again
     # without reading any file; reading and checking waits until documents are asked for.
     self.key = f'local-{fingerprint.hexdigest()[:16]}'
-    self.description = f'{len(self._files)} local file(s) under {self._root}'
+    self.description = f'{len(files)} local file(s) under {root}'
     self._max_docs = max_docs
-    self._refs = None
-    self._single = False
+    self.parallel = not max_docs
 
-  def _split_refs(self) -> dict[str, list[_DocRef]]:
-    if self._refs is None:
-      refs = self._scan()
-      if self._max_docs:
-        refs = refs[:self._max_docs]
-      self._single = len(refs) == 1
-      is_val = choose_validation([r.name for r in refs], self._fraction)
-      self._refs = {'train': [r for r, v in zip(refs, is_val) if not v],
-                    'validation': [r for r, v in zip(refs, is_val) if v]}
-    return self._refs
+  def units(self) -> list[int]:
+    return [0] if self._max_docs else list(range(len(self.files.files)))
 
-  def _scan(self) -> list[_DocRef]:
-    refs = []
-    for i, path in enumerate(self._files):
-      rel = path.relative_to(self._root).as_posix()
-      if path.suffix == '.jsonl':
-        found = [_DocRef(i, line, f'{rel}:{line}') for line, _ in self._jsonl_documents(path)]
-        if not found:
-          raise UserError(f'{path}: no documents (every line is blank or has empty '
-                          f'{self._text_field!r})')
-        refs.extend(found)
-      else:
-        self._text_document(path)
-        refs.append(_DocRef(i, 0, rel))
-    return refs
+  def _unit_items(self, unit: int) -> Iterator[tuple[str, Document]]:
+    if not self._max_docs:
+      yield from self.files.documents(unit)
+      return
+    count = 0
+    for i in range(len(self.files.files)):
+      for item in self.files.documents(i):
+        yield item
+        count += 1
+        if count >= self._max_docs:
+          return
 
-  def _checked_bytes(self, path: pathlib.Path) -> bytes:
-    """The file's bytes, once it is known to be neither empty nor binary."""
-    data = _read_bytes(path)
-    if not data.strip():
-      raise UserError(f'{path}: empty file')
-    if b'\x00' in data or decode_utf8(data)[1] > _MAX_INVALID_SHARE * len(data):
-      raise UserError(f'{path}: not UTF-8 text (binary data?)')
-    return data
+  def unit_documents(self, unit: int) -> Iterator[tuple[str, float, Document]]:
+    """(split, name hash, document) of one unit: the split is decided as the document streams by."""
+    for name, doc in self._unit_items(unit):
+      h = unit_hash(name)
+      yield ('validation' if h < self._fraction else 'train'), h, doc
 
-  def _text_document(self, path: pathlib.Path) -> Document:
-    return Document(*decode_utf8(self._checked_bytes(path)))
-
-  def _jsonl_documents(self, path: pathlib.Path) -> Iterator[tuple[int, Document]]:
-    field = self._text_field
-    for line_no, raw in enumerate(self._checked_bytes(path).split(b'\n'), 1):
-      if not raw.strip():
-        continue
-      line, replaced = decode_utf8(raw)
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f'{path}:{line_no}: invalid JSON ({e.msg})') from None
-      if not isinstance(obj, dict) or field not in obj:
-        raise UserError(f'{path}:{line_no}: no {field!r} field (data.text_field)')
-      text = obj[field]
-      if not isinstance(text, str):
-        raise UserError(f'{path}:{line_no}: field {field!r} is not a string')
-      text, fixed = _clean_str(text)
-      if text.strip():
-        yield line_no, Document(text, replaced + fixed)
+  def all_documents(self) -> Iterator[tuple[str, Document]]:
+    for unit in self.units():
+      yield from self._unit_items(unit)
 
   def documents(self, split: str) -> Iterator[Document]:
-    refs = self._split_refs()
-    if self._single:
-      ref = (refs['train'] + refs['validation'])[0]
-      doc = next(self._read([ref]))
-      part = split_single(doc.text, self._fraction, ref.name)[split]
-      yield Document(part, doc.replaced if split == 'train' else 0)
-      return
-    yield from self._read(refs[split])
+    """The split's documents in file order (what BPE training reads), streamed.
 
-  def _read(self, refs: Sequence[_DocRef]) -> Iterator[Document]:
-    by_file: dict[int, set[int]] = {}
-    for r in refs:
-      by_file.setdefault(r.file, set()).add(r.line)
-    for i in sorted(by_file):
-      path = self._files[i]
-      if path.suffix == '.jsonl':
-        wanted = by_file[i]
-        for line, doc in self._jsonl_documents(path):
-          if line in wanted:
-            yield doc
-      else:
-        yield self._text_document(path)
+    A corpus of a single document is cut by lines (`split_single`); whether there is a second
+    document is known once it is seen, so the first is held back until then.
+    """
+    first = None
+    count = 0
+    for name, doc in self.all_documents():
+      count += 1
+      if count == 1:
+        first = (name, doc)
+        continue
+      if count == 2 and (unit_hash(first[0]) < self._fraction) == (split == 'validation'):
+        yield first[1]
+      if (unit_hash(name) < self._fraction) == (split == 'validation'):
+        yield doc
+    if count == 1:
+      name, doc = first
+      part = split_single(doc.text, self._fraction, name)[split]
+      yield Document(part, doc.replaced if split == 'train' else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,6 +371,17 @@ class TfdsCorpus:
         text_field, max_docs, validation_fraction)).encode())
     self.key = f'tfds-{safe}-{fingerprint.hexdigest()[:12]}'
     self.description = f'TFDS {name} in {builder.data_dir}'
+
+  parallel = False
+
+  def units(self) -> list[int]:
+    return [0]
+
+  def unit_documents(self, unit: int) -> Iterator[tuple[str, None, Document]]:
+    del unit
+    for split in SPLITS:
+      for doc in self.documents(split):
+        yield split, None, doc
 
   def documents(self, split: str) -> Iterator[Document]:
     source = self._sources[split]

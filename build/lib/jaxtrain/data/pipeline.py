@@ -31,14 +31,14 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=128)
 class _AppendEos(grain.transforms.Map):
   """Stored record -> [2, n + 1] int32 (ids, bytes per token) ending with EOS, which covers 0 bytes."""
 
-  def __init__(self, eos_id: int):
-    self._eos_id = eos_id
+  def __init__(self, prepared: store.Prepared):
+    self._prepared = prepared
 
   def map(self, element: bytes) -> np.ndarray:
-    doc = store.decode_record(element)
+    doc = self._prepared.decode_record(element)
     out = np.empty((2, doc.shape[1] + 1), np.int32)
     out[:, :-1] = doc
-    out[:, -1] = (self._eos_id, 0)
+    out[:, -1] = (self._prepared.eos_id, 0)
     return out
 
 
@@ -113,18 +113,89 @@ def shuffle_seed(data_seed: int, seed: int) -> int:
   return int(np.random.SeedSequence([data_seed, seed]).generate_state(1)[0])
 
 
-def train_dataset(prepared: store.Prepared, *, seq_len: int, batch_size: int, seed: int,
-                  process_index: int, process_count: int, worker_count: int = 0,
-                  num_epochs: int | None = None) -> grain.IterDataset:
-  """The training pipeline (see the module docstring); endless unless `num_epochs` is given."""
-  source = grain.sources.ArrayRecordDataSource(str(prepared.split_path('train')))
+class MixIterDataset(grain.IterDataset):
+  """Interleaves rows of several sources in fixed proportions (a data mixture).
+
+  Row k comes from the source furthest behind its share, the one maximising
+  `weight * (k + 1) - rows taken so far` (ties to the first), so after any n rows each source has
+  supplied its share to within one row: deterministic, and exact for token shares since every
+  row holds seq_len tokens. The state is the rows taken per source plus each source's state.
+  Rows gain 'source' (int32, the index in data.source); `train_dataset` drops it before batching.
+  """
+
+  def __init__(self, parents: list[grain.IterDataset], weights: list[float]):
+    super().__init__(parents)
+    self._weights = list(weights)
+
+  def __iter__(self) -> _MixIterator:
+    return _MixIterator([p.__iter__() for p in self._parents], self._weights)
+
+  def __str__(self) -> str:
+    return f'MixIterDataset(weights={self._weights})'
+
+
+class _MixIterator(grain.DatasetIterator):
+
+  def __init__(self, parents: list[grain.DatasetIterator], weights: list[float]):
+    super().__init__(parents)
+    self._weights = weights
+    self._taken = [0] * len(parents)
+
+  def __next__(self) -> dict[str, Any]:
+    k = sum(self._taken) + 1
+    choice = max(range(len(self._weights)),
+                 key=lambda i: (self._weights[i] * k - self._taken[i], -i))
+    row = next(self._parents[choice])
+    self._taken[choice] += 1
+    return {**row, 'source': np.int32(choice)}
+
+  def get_state(self) -> dict[str, Any]:
+    return {'taken': list(self._taken), 'parents': [p.get_state() for p in self._parents]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._taken = [int(t) for t in state['taken']]
+    for parent, parent_state in zip(self._parents, state['parents']):
+      parent.set_state(parent_state)
+
+
+def _rows(prepared: store.Prepared, *, seq_len: int, seed: int, process_index: int,
+          process_count: int, num_epochs: int | None) -> grain.IterDataset:
+  """One source's packed rows: this process's documents, shuffled over every shard, repeated."""
+  source = grain.sources.ArrayRecordDataSource(prepared.split_paths('train'))
   docs = grain.MapDataset.source(source)
   if len(docs) < process_count:
     raise UserError(f'data.source: {len(docs)} training documents cannot be shared by '
                     f'{process_count} processes')
   docs = docs[process_index::process_count].shuffle(seed=seed).repeat(num_epochs)
-  docs = docs.map(_AppendEos(prepared.eos_id))
-  rows = PackIterDataset(docs.to_iter_dataset(_READ_OPTIONS), seq_len + 1)
+  docs = docs.map(_AppendEos(prepared))
+  return PackIterDataset(docs.to_iter_dataset(_READ_OPTIONS), seq_len + 1)
+
+
+def _drop_source(row: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in row.items() if k != 'source'}
+
+
+def train_dataset(prepared: store.Prepared | list[store.Prepared], *, seq_len: int,
+                  batch_size: int, seed: int, process_index: int, process_count: int,
+                  worker_count: int = 0, num_epochs: int | None = None,
+                  weights: list[float] | None = None, keep_source: bool = False
+                  ) -> grain.IterDataset:
+  """The training pipeline (see the module docstring); endless unless `num_epochs` is given.
+
+  A list of prepared sources is a mixture drawn with `weights` (`MixIterDataset`); each source
+  is shuffled with its own seed derived from `seed`. `keep_source` keeps the rows' 'source'
+  field (int32 [batch_size]) in the batches.
+  """
+  if isinstance(prepared, store.Prepared):
+    rows = _rows(prepared, seq_len=seq_len, seed=seed, process_index=process_index,
+                 process_count=process_count, num_epochs=num_epochs)
+  else:
+    parts = [_rows(p, seq_len=seq_len, seed=shuffle_seed(seed, i), process_index=process_index,
+                   process_count=process_count, num_epochs=num_epochs)
+             for i, p in enumerate(prepared)]
+    rows = MixIterDataset(parts, weights or [1 / len(parts)] * len(parts))
+    if not keep_source:
+      rows = rows.map(_drop_source)
   batches = rows.batch(batch_size, drop_remainder=True)
   if worker_count:
     _allow_unparsed_absl_flags()
@@ -157,7 +228,8 @@ class EvalBatches:
 
   def __init__(self, prepared: store.Prepared, split: str, *, seq_len: int, batch_size: int,
                max_batches: int | None, process_index: int, process_count: int):
-    self._path = prepared.split_path(split)
+    self._paths = prepared.split_paths(split)
+    self._prepared = prepared
     stats = prepared.splits[split]
     stream_len = stats['tokens'] + stats['documents']  # one EOS per document
     self._num_rows = math.ceil((stream_len - 1) / seq_len) if stream_len > 1 else 0
@@ -174,8 +246,8 @@ class EvalBatches:
 
   def _rows(self) -> Iterator[np.ndarray]:
     """[2, <= seq_len + 1] windows of the stream, at stride seq_len."""
-    source = grain.sources.ArrayRecordDataSource(str(self._path))
-    add_eos = _AppendEos(self._eos_id)
+    source = grain.sources.ArrayRecordDataSource(self._paths)
+    add_eos = _AppendEos(self._prepared)
     width = self._seq_len + 1
     pending = np.zeros((2, 0), np.int32)
     for i in range(len(source)):

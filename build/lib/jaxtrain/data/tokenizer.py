@@ -123,6 +123,12 @@ class Tokenizer(abc.ABC):
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`; special tokens are kept so that nothing is silently hidden."""
 
+  @property
+  def byte_table(self) -> np.ndarray | None:
+    """UTF-8 bytes behind each id where the vocabulary alone determines them (byte-level BPE),
+    else None. Prepared token files store bytes per token only where this table is wrong."""
+    return None
+
   @abc.abstractmethod
   def encode_with_bytes(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each text, (ids, bytes per token) as int32 arrays; see the module docstring."""
@@ -164,6 +170,10 @@ class HFTokenizer(Tokenizer):
   @property
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def byte_table(self) -> np.ndarray | None:
+    return self._byte_table
 
   @property
   def eos_id(self) -> int:

@@ -43,26 +43,26 @@ def default_config() -> ml_collections.ConfigDict:
   c.lr = 3e-4  # peak lr; for name='muon' the Muon group's lr (rms_match lets it equal AdamW's)
   c.weight_decay = 0.1  # decoupled, multiplied by the lr (optax/PyTorch convention)
   c.b1 = 0.9  # AdamW betas/eps (the baseline, and the AdamW group under Muon)
-  c.b2 = 0.95
-  c.eps = 1e-8
+  c.b2 = 0.95  # AdamW second-moment decay
+  c.eps = 1e-8  # AdamW epsilon
   c.no_decay = DEFAULT_NO_DECAY  # path regexes without weight decay
   c.schedule = 'cosine'  # 'cosine' | 'wsd' | 'constant', all after linear warm-up
-  c.warmup_steps = 100
+  c.warmup_steps = 100  # step s < warmup_steps gets (s+1)/warmup_steps of the peak; <= train.steps
   c.min_lr_ratio = 0.1  # final lr / peak lr (cosine, wsd)
-  c.decay_fraction = 0.2  # wsd: fraction of the run spent decaying
+  c.decay_fraction = 0.2  # wsd: the last fraction of steps, decaying linearly to min_lr_ratio
   c.clip_norm = 1.0  # global-norm gradient clipping; 0 = off
 
   c.muon = ml_collections.ConfigDict()
-  c.muon.momentum = 0.95
-  c.muon.nesterov = True
-  c.muon.ns_steps = 5
+  c.muon.momentum = 0.95  # momentum beta of the Muon group
+  c.muon.nesterov = True  # Nesterov momentum
+  c.muon.ns_steps = 5  # Newton-Schulz iterations
   c.muon.ns_coeffs = 'standard'  # 'standard' | 'polar_express'
   c.muon.ns_dtype = 'float32'  # 'float32' | 'bfloat16' (NS loop only; state and I/O are fp32)
-  c.muon.ns_eps = 1e-7
+  c.muon.ns_eps = 1e-7  # added to the Frobenius norm before dividing by it
   c.muon.shape_scaling = 'rms_match'  # 'rms_match' | 'spectral' | 'none'
   c.muon.rms_scale = 0.2  # update RMS that rms_match aims for
   c.muon.variant = 'muon'  # 'muon' | 'normuon'
-  c.muon.normuon_b2 = 0.95
+  c.muon.normuon_b2 = 0.95  # normuon: EMA decay of the per-neuron mean square
   c.muon.adam_lr = config_dict.placeholder(float)  # AdamW-group lr; None = optimizer.lr
   c.muon.adam_weight_decay = config_dict.placeholder(float)  # None = optimizer.weight_decay
   c.muon.hidden = DEFAULT_HIDDEN  # (regex, layout) rows routed to Muon; see routing.py
