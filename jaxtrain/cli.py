@@ -2,6 +2,7 @@
 
   jaxtrain train [--config=configs/default.py] [--config.KEY=VALUE ...] [--workdir=runs/default]
   jaxtrain eval --workdir=DIR [--split=validation] [--batches=N]
+  jaxtrain generate --workdir=DIR --prompt="def " [--max-new-tokens=64] [--temperature=0]
   jaxtrain info --config=configs/llama.py:1.4b [--routing]
   jaxtrain data prepare [--config=...]
   jaxtrain convert SRC DST            # HF directory <-> jaxtrain workdir, direction detected
@@ -124,8 +125,48 @@ def cmd_compare(argv):
   print(f"plot: {png}")
 
 
+def cmd_generate(argv):
+  """Sample from a checkpoint.
+
+  Flags: --workdir=DIR (a training workdir, latest checkpoint, or an HF LLaMA directory),
+  --prompt=TEXT (repeat for several prompts, decoded together), --max-new-tokens=N (64),
+  --temperature=T (0: greedy), --top-k=K (0: off), --top-p=P (1.0: off), --seed=S (0),
+  --step=N (a checkpoint other than the latest).
+
+  Example: jaxtrain generate --workdir=runs/default --prompt="def " --max-new-tokens=64
+  """
+  import jaxtrain  # pylint: disable=import-outside-toplevel
+  flags = ("workdir", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "step")
+  prompts = [a.partition("=")[2] for a in argv if a.startswith("--prompt=")]
+  args = Args([a for a in argv if not a.startswith("--prompt=")], flags=flags)
+  workdir = args.flags.get("workdir")
+  if not workdir:
+    raise UserError("jaxtrain generate needs --workdir=DIR (a workdir or an HF LLaMA directory)")
+  if not prompts:
+    raise UserError('jaxtrain generate needs --prompt="TEXT"')
+
+  def number(name, kind, default):
+    try:
+      return kind(args.flags.get(name, default))
+    except ValueError:
+      raise UserError(f"--{name.replace('_', '-')}={args.flags[name]!r} is not a {kind.__name__}")
+
+  step = number("step", int, -1)
+  model, tokenizer = jaxtrain.load_model(workdir, step=None if step < 0 else step)
+  if tokenizer is None:
+    raise UserError(f"{workdir} has no tokenizer: text prompts need one")
+  outs = jaxtrain.generate(model, prompts, max_new_tokens=number("max_new_tokens", int, 64),
+                           temperature=number("temperature", float, 0.0),
+                           top_k=number("top_k", int, 0), top_p=number("top_p", float, 1.0),
+                           seed=number("seed", int, 0), tokenizer=tokenizer)
+  for prompt, out in zip(prompts, outs):
+    print(prompt + out.text)
+    if len(prompts) > 1:
+      print("-" * 40)
+
+
 COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "info": cmd_info, "data": cmd_data,
-            "convert": cmd_convert}
+            "convert": cmd_convert, "generate": cmd_generate}
 
 
 def main(argv=None):

@@ -106,3 +106,12 @@ def test_bad_requests_are_user_errors_naming_the_problem(model):
       engine.submit(engine_lib.Request(**request))
   with pytest.raises(UserError, match="tokenizer"):
     jaxtrain.generate(model, ["text"], max_new_tokens=2)
+
+
+def test_generate_cli_bad_input_exits_2_with_one_line(capsys):
+  from jaxtrain import cli
+  assert cli.main(["generate", "--prompt=x"]) == 2
+  assert cli.main(["generate", "--workdir=tests/fixtures/hf/mha"]) == 2
+  assert cli.main(["generate", "--workdir=tests/fixtures/hf/mha", "--prompt=x"]) == 2  # no tokenizer
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 3 and all(line.startswith("error: ") for line in err)
