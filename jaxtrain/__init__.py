@@ -7,6 +7,8 @@ The Python API the CLI and the notebooks share:
   model, tokenizer = jaxtrain.load_model("runs/x")   # or an HF LLaMA directory
   logits_BTV = model(tokens_BT)                       # fp32
   jaxtrain.plan(cfg, devices=8)                       # XLA's per-device memory and FLOPs
+  outs = jaxtrain.generate(model, ["def "], max_new_tokens=32, tokenizer=tokenizer)
+  outs[0].tokens, outs[0].text
 """
 
 from jaxtrain.config import load_config
@@ -31,4 +33,14 @@ def load_model(path, step=None):
   return evaluate.load_model(path, step=step)
 
 
-__all__ = ["load_config", "train", "plan", "load_model", "UserError"]
+def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+             tokenizer=None, **kwargs):
+  """Complete prompts (token-id lists, or strings with a tokenizer); see
+  `jaxtrain.serving.engine.generate`. Returns one result per prompt with `.tokens` (new ids),
+  `.text` (with a tokenizer) and `.finish_reason`."""
+  from jaxtrain.serving import engine  # pylint: disable=import-outside-toplevel
+  return engine.generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, seed=seed, tokenizer=tokenizer, **kwargs)
+
+
+__all__ = ["load_config", "train", "plan", "load_model", "generate", "UserError"]

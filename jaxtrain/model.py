@@ -278,12 +278,17 @@ class Attention(nnx.Module):
     if kv_cache is None:
       out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, impl=impl)
       new_cache = None
+    elif kv_cache is PREFILL:
+      # Right-padded prompts from position 0: plain causal attention (the fast path: cuDNN on
+      # GPU, blocked on CPU) is exact for every real token, which never sees the pads after it.
+      out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, impl=impl)
+      new_cache = (k_BTKH, v_BTKH)
     else:
-      new_cache = kv_cache.update(k_BTKH, v_BTKH, positions_BT)
-      out_BTNH = attention_lib.attention(
-          q_BTNH, new_cache.k_BSKH.astype(dt), new_cache.v_BSKH.astype(dt), impl=impl,
-          q_positions_BT=positions_BT, kv_positions_BS=new_cache.positions_BS,
-          kv_valid_BS=new_cache.positions_BS >= 0)
+      # One new token per row against this layer's cache slice (k_BSKH, v_BSKH, lengths_B).
+      k_BSKH, v_BSKH, lengths_B = kv_cache
+      out_BTNH = decode_attention(q_BTNH, k_BTKH, v_BTKH, k_BSKH.astype(dt), v_BSKH.astype(dt),
+                                  lengths_B)
+      new_cache = (k_BTKH[:, 0], v_BTKH[:, 0])
     out_BTNH = sharding.constrain(_name(out_BTNH, "attention"), heads)
     return jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dt)), new_cache
 
@@ -367,7 +372,13 @@ class Llama(nnx.Module):
     return self.lm_head.kernel[...]
 
   def hidden_states(self, tokens_BT, positions_BT=None, kv_caches=None):
-    """Final-normed hidden states [B, T, D] in the compute dtype (and updated caches)."""
+    """Final-normed hidden states [B, T, D] in the compute dtype.
+
+    With `kv_caches` (a stacked `KVCache`) this is one decoding step of T=1 token per row at
+    the rows' lengths, returning (hidden states [B, 1, D], new cache); see `decode`."""
+    if kv_caches is not None:
+      h_BD, new_cache = self.decode(tokens_BT[:, 0], kv_caches)
+      return h_BD[:, None], new_cache
     c = self.config
     dt = DTYPES[c.dtype]
     B, T = tokens_BT.shape
@@ -382,23 +393,66 @@ class Llama(nnx.Module):
       return layer.layer(x_BTD, positions_BT, rope, c.attention, kv_cache)
 
     body = _remat(body, c.remat)
-    if kv_caches is None and c.scan_layers:
+    if c.scan_layers:
       def scan_body(x_BTD, layer_state):
         x_BTD, _ = body(x_BTD, layer_state, None)
         return x_BTD, None
       x_BTD, _ = jax.lax.scan(scan_body, x_BTD, stacked)
-      new_caches = None
     else:
-      new_caches = [] if kv_caches is not None else None
       for i in range(c.n_layers):
         layer_state = jax.tree.map(lambda a, i=i: a[i], stacked)
-        x_BTD, cache = body(x_BTD, layer_state, None if kv_caches is None else kv_caches[i])
-        if new_caches is not None:
-          new_caches.append(cache)
+        x_BTD, _ = body(x_BTD, layer_state, None)
     x_BTD = self.final_norm(x_BTD)
-    if kv_caches is not None:
-      return x_BTD, new_caches
     return x_BTD
+
+  # -------------------------------------------------------------------------------------------
+  # Decoding: prefill a right-padded prompt batch, then decode one token per row at a time
+  # against a stacked cache. Both scan over the layers like training does.
+
+  def _scan_layers(self, x_BTD, positions_BT, layer_cache_xs):
+    """Scan the blocks with a per-layer cache argument; returns (x, per-layer cache outputs)."""
+    c = self.config
+    rope = rope_tables(positions_BT, jnp.asarray(rope_frequencies(c)))
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(x_BTD, xs):
+      layer_state, layer_cache = xs
+      layer = nnx.merge(graphdef, layer_state)
+      return layer.layer(x_BTD, positions_BT, rope, c.attention,
+                         PREFILL if layer_cache is None else layer_cache)
+
+    return jax.lax.scan(body, x_BTD, (stacked, layer_cache_xs))
+
+  def prefill(self, tokens_BT, lengths_B):
+    """Prompts right-padded to T, `lengths_B` real tokens each.
+
+    Returns the final-normed hidden state at each row's last real token [B, D] (so the caller
+    computes one row of logits, not T) and a `KVCache` of length T holding the prompt.
+    """
+    c = self.config
+    B, T = tokens_BT.shape
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    x_BTD = self.embed(tokens_BT).astype(DTYPES[c.dtype])
+    x_BTD, (k_LBTKH, v_LBTKH) = self._scan_layers(x_BTD, positions_BT, None)
+    last_B = jnp.clip(lengths_B - 1, 0, T - 1)
+    x_BD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
+    return self.final_norm(x_BD), KVCache(k_LBTKH, v_LBTKH, lengths_B.astype(jnp.int32))
+
+  def decode(self, tokens_B, cache):
+    """One decoding step: token b sits at position `cache.lengths_B[b]`.
+
+    The cache is only read inside the layer scan; the new keys and values of all layers are
+    written after it in one scatter, each row at its own length (rows at or past the cache's
+    end are dropped, never wrapped). Returns (final-normed hidden states [B, D], new cache).
+    """
+    c = self.config
+    positions_B1 = cache.lengths_B[:, None]
+    x_B1D = self.embed(tokens_B[:, None]).astype(DTYPES[c.dtype])
+    L = c.n_layers
+    lengths_LB = jnp.broadcast_to(cache.lengths_B, (L,) + cache.lengths_B.shape)
+    x_B1D, (k_LBKH, v_LBKH) = self._scan_layers(
+        x_B1D, positions_B1, (cache.k_LBSKH, cache.v_LBSKH, lengths_LB))
+    return self.final_norm(x_B1D[:, 0]), cache.write(k_LBKH, v_LBKH)
 
   def logits(self, x_BTD):
     """fp32 logits from hidden states: the matmul accumulates and returns fp32."""
@@ -409,29 +463,75 @@ class Llama(nnx.Module):
     return self.logits(self.hidden_states(tokens_BT))
 
 
+# Marker for `Attention`: prefill mode (fast causal attention, return this layer's keys/values).
+PREFILL = "prefill"
+
+
+def decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BSKH, v_BSKH, lengths_B):
+  """One query per row over its cached keys [0, length) and its own new key.
+
+  The new key is scored separately and joined at the (tiny) score level, so the cache is read
+  once and never copied (a concatenation would copy all of it in every layer). fp32 softmax.
+  """
+  B, _, N, H = q_B1NH.shape
+  K = k_BSKH.shape[2]
+  S = k_BSKH.shape[1]
+  q_BKGH = q_B1NH[:, 0].reshape(B, K, N // K, H).astype(jnp.float32) * (H ** -0.5)
+  q_BKGH = q_BKGH.astype(k_BSKH.dtype)
+  s_BKGS = ops.einsum("bkgh,bskh->bkgs", q_BKGH, k_BSKH, preferred_element_type=jnp.float32)
+  valid_BS = jnp.arange(S, dtype=jnp.int32)[None, :] < lengths_B[:, None]
+  s_BKGS = jnp.where(valid_BS[:, None, None, :], s_BKGS, -jnp.inf)
+  s_BKG1 = ops.einsum("bkgh,bkh->bkg", q_BKGH, k_B1KH[:, 0].astype(k_BSKH.dtype),
+                      preferred_element_type=jnp.float32)[..., None]
+  m_BKG1 = jnp.maximum(jnp.max(s_BKGS, axis=-1, keepdims=True), s_BKG1)
+  p_BKGS = jnp.exp(s_BKGS - m_BKG1)
+  p_BKG1 = jnp.exp(s_BKG1 - m_BKG1)
+  denom_BKG1 = jnp.sum(p_BKGS, axis=-1, keepdims=True) + p_BKG1
+  o_BKGH = ops.einsum("bkgs,bskh->bkgh", p_BKGS.astype(v_BSKH.dtype), v_BSKH,
+                      preferred_element_type=jnp.float32)
+  o_BKGH = o_BKGH + p_BKG1 * v_B1KH[:, 0][:, :, None, :].astype(jnp.float32)
+  o_BKGH = o_BKGH / denom_BKG1
+  return o_BKGH.reshape(B, 1, N, H).astype(q_B1NH.dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """One layer's keys and values for decoding; position -1 marks an empty slot."""
-  k_BSKH: jax.Array
-  v_BSKH: jax.Array
-  positions_BS: jax.Array
+  """Keys and values of every layer, stacked [L, B, S, K, H], and each row's length.
+
+  Row b holds positions [0, lengths_B[b]); the next token of row b is written at its length.
+  A write at or past S is dropped (the sequence is full), never wrapped around.
+  """
+  k_LBSKH: jax.Array
+  v_LBSKH: jax.Array
+  lengths_B: jax.Array
 
   @classmethod
   def empty(cls, c: ModelConfig, batch, length, dtype=None):
     dtype = dtype or DTYPES[c.dtype]
-    shape = (batch, length, c.kv_heads, c.dim_per_head)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-               jnp.full((batch, length), -1, jnp.int32))
+    shape = (c.n_layers, batch, length, c.kv_heads, c.dim_per_head)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
-  def update(self, k_BTKH, v_BTKH, positions_BT):
-    """Write new keys/values at their positions (slot = position modulo cache length)."""
-    S = self.k_BSKH.shape[1]
-    slots_BT = positions_BT % S
-    b_B1 = jnp.arange(k_BTKH.shape[0])[:, None]
-    return KVCache(self.k_BSKH.at[b_B1, slots_BT].set(k_BTKH.astype(self.k_BSKH.dtype)),
-                   self.v_BSKH.at[b_B1, slots_BT].set(v_BTKH.astype(self.v_BSKH.dtype)),
-                   self.positions_BS.at[b_B1, slots_BT].set(positions_BT))
+  @property
+  def max_length(self):
+    return self.k_LBSKH.shape[2]
+
+  def write(self, k_LBKH, v_LBKH):
+    """Append one token per row at its own length; lengths grow by one."""
+    b_B = jnp.arange(self.lengths_B.shape[0])
+    pos_B = self.lengths_B
+    k = self.k_LBSKH.at[:, b_B, pos_B].set(k_LBKH.astype(self.k_LBSKH.dtype), mode="drop")
+    v = self.v_LBSKH.at[:, b_B, pos_B].set(v_LBKH.astype(self.v_LBSKH.dtype), mode="drop")
+    return KVCache(k, v, self.lengths_B + 1)
+
+  def insert(self, prefix, slot):
+    """Copy a prefilled cache (rows [slot, slot + prefix batch), its length T <= S) in."""
+    z = jnp.zeros((), jnp.int32)
+    start = (z, jnp.asarray(slot, jnp.int32), z, z, z)
+    k = jax.lax.dynamic_update_slice(self.k_LBSKH, prefix.k_LBSKH.astype(self.k_LBSKH.dtype), start)
+    v = jax.lax.dynamic_update_slice(self.v_LBSKH, prefix.v_LBSKH.astype(self.v_LBSKH.dtype), start)
+    lengths = jax.lax.dynamic_update_slice(self.lengths_B, prefix.lengths_B, start[1:2])
+    return KVCache(k, v, lengths)
 
 
 def create(c: ModelConfig, seed: int = 0) -> Llama:

@@ -1,5 +1,6 @@
 """The LLaMA model: causality, scan == unrolled, remat == no remat, attention implementations
-agree, KV-cache decoding == full forward, sizes and config errors."""
+agree, sizes and config errors.
+(KV-cache decoding: tests/test_generate.py.)"""
 
 import dataclasses
 import warnings
@@ -106,20 +107,6 @@ def test_cudnn_request_off_gpu_falls_back_with_a_warning():
   q = jnp.ones((1, 4, 2, 8))
   with pytest.warns(UserWarning, match="falling back to xla"):
     attention.resolve("cudnn", q)
-
-
-def test_decoding_with_kv_cache_matches_the_full_forward(small_model):
-  tokens = _tokens(B=2, T=12)
-  full = np.asarray(small_model(tokens))
-  caches = [model_lib.KVCache.empty(SMALL, 2, 16) for _ in range(SMALL.n_layers)]
-  prompt = 7
-  pos = jnp.broadcast_to(jnp.arange(prompt), (2, prompt))
-  h, caches = small_model.hidden_states(tokens[:, :prompt], pos, caches)
-  steps = [small_model.logits(h)]
-  for t in range(prompt, 12):
-    h, caches = small_model.hidden_states(tokens[:, t:t + 1], jnp.full((2, 1), t), caches)
-    steps.append(small_model.logits(h))
-  np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], 1), full, atol=1e-4)
 
 
 def test_llama3_rope_scaling_changes_only_low_frequencies():

@@ -1,0 +1,297 @@
+"""Continuous batching over fixed decode slots.
+
+The engine owns one `DecodeState` of `slots` rows and a cache of `max_len` positions. Every
+iteration it (1) prefills waiting requests into free slots (one request per prefill call, its
+prompt padded to a power-of-two bucket) and inserts them, (2) dispatches the next decode chunk of
+`chunk` steps, and only then (3) reads the previous chunk's tokens and hands them to their
+requests, so the device is never idle while the host looks at tokens. A request whose tokens
+end (EOS, a stop string, max_tokens, or the end of the cache) frees its slot; a waiting one
+takes it in the next iteration while the others keep decoding.
+
+Because tokens are read one chunk late, a chunk may run for a request that has just finished;
+its tokens are ignored (each chunk remembers which request sat in which slot when it was
+dispatched).
+"""
+
+import collections
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+
+import jax
+import numpy as np
+
+from jaxtrain import model as model_lib
+from jaxtrain.errors import UserError
+from jaxtrain.serving import generate as gen
+
+
+@dataclasses.dataclass
+class Request:
+  """One completion request. `on_tokens(request, new_ids)` and `on_done(request)` are called
+  from the engine's thread (when it has one)."""
+  prompt: list
+  max_tokens: int = 16
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  stop: tuple = ()
+  eos_id: int | None = None
+  on_tokens: object = None
+  on_done: object = None
+  # Filled by the engine.
+  id: int = -1
+  tokens: list = dataclasses.field(default_factory=list)
+  text: str = ""
+  finish_reason: str | None = None
+  submitted: float = 0.0
+  first_token_time: float | None = None
+  done_time: float | None = None
+  error: str | None = None
+  _event: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+
+  def wait(self, timeout=None):
+    if not self._event.wait(timeout):
+      raise TimeoutError(f"request {self.id} not finished after {timeout}s")
+    return self
+
+
+class Engine:
+  """Continuous batching for one model. `submit` from any thread; `run_until_idle` (caller's
+  thread) or `start` (a background thread) drives it."""
+
+  _ids = itertools.count()
+
+  def __init__(self, model, tokenizer=None, *, slots=4, max_len=None, chunk=8,
+               max_prompt_len=None):
+    c = model.config
+    self.config = c
+    self.graphdef, self.params = model_lib.params_of(model)
+    self.tokenizer = tokenizer
+    self.slots = int(slots)
+    self.max_len = int(max_len or c.max_seq_len)
+    self.chunk = int(chunk)
+    self.max_prompt_len = int(max_prompt_len or self.max_len // 2)
+    if self.slots < 1 or self.chunk < 1 or self.max_len < 2:
+      raise UserError("engine needs slots >= 1, chunk >= 1 and max_len >= 2")
+    self.state = gen.DecodeState.empty(c, self.slots, self.max_len)
+    self.active = [None] * self.slots  # the request in each slot
+    self.waiting = collections.deque()
+    self._lock = threading.Lock()
+    self._wake = threading.Event()
+    self._pending = None  # (tokens [steps, B] device array, slot owners when dispatched)
+    self._thread = None
+    self._stop = False
+    self.decode_steps = 0  # decode steps dispatched (all slots), for bandwidth numbers
+
+  # -- requests ---------------------------------------------------------------------------
+
+  def check(self, request):
+    """Raise UserError for a request this engine cannot serve (before it is queued)."""
+    n = len(request.prompt)
+    if n < 1:
+      raise UserError("prompt is empty")
+    if n > self.max_prompt_len:
+      raise UserError(f"prompt has {n} tokens, more than this server's {self.max_prompt_len}")
+    if request.max_tokens < 1:
+      raise UserError(f"max_tokens must be >= 1, got {request.max_tokens}")
+    if n + request.max_tokens > self.max_len:
+      raise UserError(f"prompt ({n} tokens) + max_tokens ({request.max_tokens}) exceeds the "
+                      f"context of {self.max_len}")
+    V = self.config.vocab_size
+    if any((not isinstance(t, (int, np.integer))) or t < 0 or t >= V for t in request.prompt):
+      raise UserError(f"prompt token ids must be integers in [0, {V})")
+    if request.temperature < 0 or not 0 < request.top_p <= 1 or request.top_k < 0:
+      raise UserError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+
+  def submit(self, request):
+    self.check(request)
+    request.id = next(self._ids)
+    request.submitted = time.perf_counter()
+    with self._lock:
+      self.waiting.append(request)
+    self._wake.set()
+    return request
+
+  # -- the loop ---------------------------------------------------------------------------
+
+  def _admit(self):
+    for slot in range(self.slots):
+      if self.active[slot] is not None:
+        continue
+      with self._lock:
+        if not self.waiting:
+          return
+        request = self.waiting.popleft()
+      n = len(request.prompt)
+      T = min(gen.bucket(n), self.max_len)
+      tokens = np.zeros((1, T), np.int32)
+      tokens[0, :n] = request.prompt
+      sampling = gen.Sampling.make([request.temperature], [request.top_k], [request.top_p],
+                                   [request.seed])
+      first, prefix = gen.prefill(self.graphdef, self.params, tokens, np.array([n], np.int32),
+                                  sampling)
+      self.state = gen.insert(self.state, prefix, first, sampling, slot)
+      self.active[slot] = request
+      self._emit(request, [int(first[0])])
+
+  def _emit(self, request, ids):
+    """Append generated ids to a request, stopping where it must; True if it finished."""
+    if request.finish_reason is not None:
+      return True
+    now = time.perf_counter()
+    if request.first_token_time is None and ids:
+      request.first_token_time = now
+    new = []
+    reason = None
+    for t in ids:
+      if request.eos_id is not None and t == request.eos_id:
+        reason = "stop"
+        break
+      new.append(t)
+      if len(request.tokens) + len(new) >= request.max_tokens:
+        reason = "length"
+        break
+    if new:
+      request.tokens.extend(new)
+    if self.tokenizer is not None:
+      text = self.tokenizer.decode(request.tokens)
+      for s in request.stop:
+        cut = text.find(s)
+        if cut >= 0:
+          text, reason = text[:cut], "stop"
+          # Keep the tokens consistent with the text: drop those past the cut.
+          while request.tokens and len(self.tokenizer.decode(request.tokens)) > cut:
+            request.tokens.pop()
+          break
+      request.text = text
+    if reason is None and len(request.prompt) + len(request.tokens) >= self.max_len:
+      reason = "length"
+    if request.on_tokens is not None and (new or reason):
+      request.on_tokens(request, new)
+    if reason is not None:
+      request.finish_reason = reason
+      request.done_time = now
+      if request.on_done is not None:
+        request.on_done(request)
+      request._event.set()  # pylint: disable=protected-access
+      return True
+    return False
+
+  def _consume(self, pending):
+    tokens_SB, owners = pending
+    tokens_BS = np.asarray(tokens_SB).T
+    for slot, request in enumerate(owners):
+      if request is None or request.finish_reason is not None:
+        continue
+      if self._emit(request, tokens_BS[slot].tolist()) and self.active[slot] is request:
+        self.active[slot] = None
+
+  def step(self):
+    """One iteration: admit, dispatch a chunk, consume the previous chunk. False when idle."""
+    self._admit()
+    busy = any(r is not None and r.finish_reason is None for r in self.active)
+    previous, self._pending = self._pending, None
+    if busy:
+      self.state, tokens_SB = gen.decode(self.graphdef, self.params, self.state, self.chunk)
+      self.decode_steps += self.chunk
+      self._pending = (tokens_SB, list(self.active))
+    # Requests finished by their prefill token free their slot without a decode.
+    for slot, request in enumerate(self.active):
+      if request is not None and request.finish_reason is not None:
+        self.active[slot] = None
+    if previous is not None:
+      self._consume(previous)
+    with self._lock:
+      return bool(self._pending is not None or self.waiting
+                  or any(r is not None for r in self.active))
+
+  def run_until_idle(self):
+    while self.step():
+      pass
+
+  def warmup(self, prompt_lens=(1,)):
+    """Compile prefill for these prompt lengths' buckets, insert and decode."""
+    for n in prompt_lens:
+      self.submit(Request(prompt=[0] * n, max_tokens=2))
+    self.run_until_idle()
+
+  # -- background thread (the server) -------------------------------------------------------
+
+  def start(self):
+    self._stop = False
+    self._thread = threading.Thread(target=self._loop, name="jaxtrain-engine", daemon=True)
+    self._thread.start()
+    return self
+
+  def _loop(self):
+    while not self._stop:
+      try:
+        busy = self.step()
+      except Exception as e:  # pylint: disable=broad-except
+        self._fail_all(f"{type(e).__name__}: {e}")
+        busy = False
+      if not busy:
+        self._wake.wait(0.05)
+        self._wake.clear()
+
+  def _fail_all(self, message):
+    with self._lock:
+      victims = [r for r in self.active if r is not None] + list(self.waiting)
+      self.waiting.clear()
+    self.active = [None] * self.slots
+    self._pending = None
+    self.state = gen.DecodeState.empty(self.config, self.slots, self.max_len)
+    for r in victims:
+      if r.finish_reason is None:
+        r.error, r.finish_reason, r.done_time = message, "error", time.perf_counter()
+        if r.on_done is not None:
+          r.on_done(r)
+        r._event.set()  # pylint: disable=protected-access
+
+  def stop(self):
+    self._stop = True
+    self._wake.set()
+    if self._thread is not None:
+      self._thread.join(timeout=10)
+
+
+def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+             tokenizer=None, stop=(), slots=None, chunk=8):
+  """Completions of `prompts` (lists of token ids, or strings with a `tokenizer`).
+
+  Returns one `Request` per prompt with `.tokens` (the new ids), `.text` (with a tokenizer) and
+  `.finish_reason` ("stop" at EOS or a stop string, "length" at max_new_tokens). Prompt i is
+  sampled with seed (seed, i), so its output does not depend on the other prompts.
+  """
+  if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], (int, np.integer))):
+    prompts = [prompts]
+  ids = []
+  for p in prompts:
+    if isinstance(p, str):
+      if tokenizer is None:
+        raise UserError("string prompts need a tokenizer (tokenizer=...)")
+      p = tokenizer.encode(p)
+      if tokenizer.bos_id is not None and (not p or p[0] != tokenizer.bos_id):
+        p = [tokenizer.bos_id] + p
+    ids.append([int(t) for t in p])
+  if not ids:
+    return []
+  longest = max(len(p) for p in ids)
+  max_len = gen.bucket(longest + max_new_tokens)
+  engine = Engine(model, tokenizer, slots=slots or len(ids), max_len=max_len, chunk=chunk,
+                  max_prompt_len=max_len)
+  eos = tokenizer.eos_id if tokenizer is not None else None
+  requests = [engine.submit(Request(prompt=p, max_tokens=max_new_tokens, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, seed=_request_seed(seed, i),
+                                    stop=tuple(stop), eos_id=eos))
+              for i, p in enumerate(ids)]
+  engine.run_until_idle()
+  return requests
+
+
+def _request_seed(seed, i):
+  return (int(seed) * 1_000_003 + i) % (2 ** 31)

@@ -1,0 +1,157 @@
+"""Jitted decoding over a stacked KV cache: bucketed prefill, insert, multi-step decode, sampling.
+
+JetStream / jax-llm-examples style, as pure functions over `(graphdef, params)`:
+
+  prefill(graphdef, params, tokens_BT, lengths_B, sampling)  -> (first token, prefix cache)
+  insert(state, prefix, first_B, sampling, slot)             -> decode state, rows filled
+  decode(graphdef, params, state, steps)                     -> (state, tokens [steps, B])
+
+Prompts are right-padded to a power-of-two bucket, so prefill compiles once per bucket; decode
+compiles once per (slots, cache length, steps); nothing is retraced per token or per request
+(`TRACES` counts traces, tests check it). The cache is donated to decode and insert, so it is
+updated in place.
+
+Sampling (per row, so rows of one batch may ask for different things): greedy when the
+temperature is 0, otherwise logits / temperature, then top-k, then top-p, as HF and vLLM order
+them. Each request has its own key; the token at position p is drawn with fold_in(key, p), so a
+sample depends on the request alone, never on its batch-mates or on its slot.
+"""
+
+import collections
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtrain import model as model_lib
+
+# How many times each jitted function was traced (compiled), by name. A test warms up and then
+# checks that serving more requests adds nothing here.
+TRACES = collections.Counter()
+
+MIN_BUCKET = 16
+
+
+def bucket(n, minimum=MIN_BUCKET):
+  """The smallest power of two >= n (and >= minimum)."""
+  b = minimum
+  while b < n:
+    b *= 2
+  return b
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Sampling:
+  """Per-row sampling parameters; `key_B2` is each request's raw threefry key data."""
+  temperature_B: jax.Array
+  top_k_B: jax.Array
+  top_p_B: jax.Array
+  key_B2: jax.Array
+
+  @classmethod
+  def make(cls, temperature, top_k, top_p, seeds):
+    """From Python lists (one entry per row)."""
+    keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
+    return cls(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
+               jnp.asarray(top_p, jnp.float32), jnp.asarray(keys, jnp.uint32))
+
+  @classmethod
+  def empty(cls, batch):
+    return cls(jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32),
+               jnp.ones((batch,), jnp.float32), jnp.zeros((batch, 2), jnp.uint32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+  """Everything decode carries between dispatches: the cache, each row's last token (not yet
+  in the cache) and its sampling parameters."""
+  cache: model_lib.KVCache
+  tokens_B: jax.Array
+  sampling: Sampling
+
+  @classmethod
+  def empty(cls, c, slots, length):
+    return cls(model_lib.KVCache.empty(c, slots, length), jnp.zeros((slots,), jnp.int32),
+               Sampling.empty(slots))
+
+
+def sample(logits_BV, positions_B, sampling):
+  """One token per row; see the module docstring. All-greedy batches skip the sort."""
+
+  def greedy(_):
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+  def stochastic(_):
+    t_B = sampling.temperature_B
+    scaled_BV = logits_BV / jnp.where(t_B > 0, t_B, 1.0)[:, None]
+    order_BV = jnp.argsort(-scaled_BV, axis=-1)
+    sorted_BV = jnp.take_along_axis(scaled_BV, order_BV, axis=-1)
+    V = logits_BV.shape[-1]
+    rank_V = jnp.arange(V, dtype=jnp.int32)
+    k_B = jnp.where(sampling.top_k_B > 0, sampling.top_k_B, V)
+    sorted_BV = jnp.where(rank_V[None, :] < k_B[:, None], sorted_BV, -jnp.inf)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass strictly above each token
+    keep_BV = (before_BV < sampling.top_p_B[:, None]) | (rank_V[None, :] == 0)
+    sorted_BV = jnp.where(keep_BV, sorted_BV, -jnp.inf)
+
+    def draw(key2, pos, row_V):
+      key = jax.random.fold_in(jax.random.wrap_key_data(key2), pos)
+      return jax.random.categorical(key, row_V)
+
+    choice_B = jax.vmap(draw)(sampling.key_B2, positions_B, sorted_BV)
+    drawn_B = jnp.take_along_axis(order_BV, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(t_B > 0, drawn_B, greedy(None))
+
+  return jax.lax.cond(jnp.all(sampling.temperature_B <= 0), greedy, stochastic, None)
+
+
+def _logits(model, h_BD):
+  return model.logits(h_BD[:, None])[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def prefill(graphdef, params, tokens_BT, lengths_B, sampling):
+  """(first generated token [B], prefix KVCache of length T) for right-padded prompts."""
+  TRACES["prefill"] += 1
+  model = nnx.merge(graphdef, params)
+  h_BD, prefix = model.prefill(tokens_BT, lengths_B)
+  return sample(_logits(model, h_BD), lengths_B, sampling), prefix
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def insert(state, prefix, first_B, sampling, slot):
+  """Put prefilled rows (and their first tokens and sampling) into slots [slot, slot + n)."""
+  TRACES["insert"] += 1
+  start = jnp.asarray(slot, jnp.int32)
+
+  def put(big, small):
+    index = (start,) + (jnp.zeros((), jnp.int32),) * (big.ndim - 1)
+    return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), index)
+
+  return DecodeState(state.cache.insert(prefix, slot), put(state.tokens_B, first_B),
+                     jax.tree.map(put, state.sampling, sampling))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps"), donate_argnames=("state",))
+def decode(graphdef, params, state, steps):
+  """`steps` decoding steps in one dispatch; returns (state, tokens [steps, B]).
+
+  Each step feeds every row's last token at its own length and samples the next one for the
+  position after it. Rows keep decoding after they finish (the host ignores those tokens);
+  rows that reach the cache's end stop writing (see `KVCache.write`).
+  """
+  TRACES["decode"] += 1
+  model = nnx.merge(graphdef, params)
+
+  def step(state, _):
+    h_BD, cache = model.decode(state.tokens_B, state.cache)
+    next_B = sample(_logits(model, h_BD), cache.lengths_B, state.sampling)
+    return DecodeState(cache, next_B, state.sampling), next_B
+
+  return jax.lax.scan(step, state, None, length=steps)

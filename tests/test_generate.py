@@ -1,0 +1,117 @@
+"""Decoding: the cached path equals recomputing the full forward, batching and slots change
+nothing, sampling is per request, the cache never wraps, and nothing retraces after warm-up."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxtrain
+from jaxtrain import model as model_lib
+from jaxtrain.errors import UserError
+from jaxtrain.serving import engine as engine_lib
+from jaxtrain.serving import generate as gen
+
+TINY = model_lib.ModelConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2,
+                             d_ff=80, max_seq_len=64)
+PROMPTS = [[5, 7, 11, 3, 2], list(range(1, 20)), [4], [9, 9, 8, 1, 60, 2, 33]]
+
+
+@pytest.fixture(scope="module")
+def model():
+  return model_lib.create(TINY, seed=1)
+
+
+def _greedy_by_full_forward(model, prompt, n):
+  seq = list(prompt)
+  for _ in range(n):
+    seq.append(int(jnp.argmax(model(jnp.asarray([seq]))[0, -1])))
+  return seq[len(prompt):]
+
+
+def test_greedy_decoding_with_the_cache_equals_argmax_of_the_full_forward(model):
+  for prompt in PROMPTS[:2]:
+    out = jaxtrain.generate(model, [prompt], max_new_tokens=12)[0]
+    assert out.tokens == _greedy_by_full_forward(model, prompt, 12)
+    assert out.finish_reason == "length"
+
+
+def test_prompts_of_different_lengths_in_one_batch_equal_one_at_a_time(model):
+  together = [r.tokens for r in jaxtrain.generate(model, PROMPTS, max_new_tokens=10)]
+  alone = [jaxtrain.generate(model, [p], max_new_tokens=10)[0].tokens for p in PROMPTS]
+  assert together == alone
+
+
+def test_sampled_tokens_depend_on_the_request_not_on_its_batch_mates(model):
+  kw = dict(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+  together = [r.tokens for r in jaxtrain.generate(model, PROMPTS[:3], **kw)]
+  # Prompt i of a batch uses seed (seed, i): the same prompt alone with slot 0 differs ...
+  first_alone = jaxtrain.generate(model, [PROMPTS[0]], **kw)[0].tokens
+  assert together[0] == first_alone
+  # ... and another seed gives another sample.
+  assert jaxtrain.generate(model, [PROMPTS[0]], **{**kw, "seed": 4})[0].tokens != first_alone
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(model):
+  greedy = jaxtrain.generate(model, [PROMPTS[1]], max_new_tokens=8)[0].tokens
+  for kw in (dict(top_k=1), dict(top_p=1e-6)):
+    out = jaxtrain.generate(model, [PROMPTS[1]], max_new_tokens=8, temperature=2.0, seed=5, **kw)
+    assert out[0].tokens == greedy
+
+
+def test_engine_output_does_not_change_with_what_else_is_in_the_engine(model):
+  engine = engine_lib.Engine(model, slots=3, max_len=64, chunk=4)
+  probe = dict(prompt=PROMPTS[3], max_tokens=12, temperature=0.8, top_k=30, seed=11)
+  alone = engine.submit(engine_lib.Request(**probe))
+  engine.run_until_idle()
+  # Now with others arriving before and after, finishing at other times, in other slots.
+  others = [engine.submit(engine_lib.Request(prompt=p, max_tokens=m, temperature=t, seed=i))
+            for i, (p, m, t) in enumerate([(PROMPTS[0], 3, 0.0), (PROMPTS[1], 20, 1.0)])]
+  crowded = engine.submit(engine_lib.Request(**probe))
+  late = engine.submit(engine_lib.Request(prompt=PROMPTS[2], max_tokens=5))
+  engine.run_until_idle()
+  assert crowded.tokens == alone.tokens and len(alone.tokens) == 12
+  assert all(r.finish_reason == "length" for r in others + [late])
+  assert [len(r.tokens) for r in others + [late]] == [3, 20, 5]
+
+
+def test_no_retrace_after_warm_up(model):
+  engine = engine_lib.Engine(model, slots=2, max_len=64, chunk=4)
+  engine.warmup(prompt_lens=(3, 20))  # buckets 16 and 32
+  before = dict(gen.TRACES)
+  for i, p in enumerate(PROMPTS * 2):
+    engine.submit(engine_lib.Request(prompt=p, max_tokens=3 + i, temperature=0.5 * (i % 2),
+                                     top_k=i, seed=i))
+  engine.run_until_idle()
+  assert dict(gen.TRACES) == before
+
+
+def test_cache_writes_past_its_end_are_dropped_not_wrapped(model):
+  c = TINY
+  cache = model_lib.KVCache.empty(c, 2, 4)
+  cache = model_lib.KVCache(cache.k_LBSKH, cache.v_LBSKH, jnp.asarray([3, 4], jnp.int32))
+  ones = jnp.ones((c.n_layers, 2, c.kv_heads, c.dim_per_head))
+  new = cache.write(ones, ones)
+  k = np.asarray(new.k_LBSKH)
+  assert (k[:, 0, 3] == 1).all() and (k[:, 0, :3] == 0).all()
+  assert (k[:, 1] == 0).all()  # row 1 was full: nothing written, slot 0 untouched
+  assert new.lengths_B.tolist() == [4, 5]
+
+
+def test_bad_requests_are_user_errors_naming_the_problem(model):
+  engine = engine_lib.Engine(model, slots=1, max_len=32, max_prompt_len=16)
+  for request, match in [(dict(prompt=[]), "empty"), (dict(prompt=[1] * 17), "17 tokens"),
+                         (dict(prompt=[1], max_tokens=40), "exceeds"),
+                         (dict(prompt=[500]), "token ids"), (dict(prompt=[1], top_p=0.0), "top_p")]:
+    with pytest.raises(UserError, match=match):
+      engine.submit(engine_lib.Request(**request))
+  with pytest.raises(UserError, match="tokenizer"):
+    jaxtrain.generate(model, ["text"], max_new_tokens=2)
+
+
+def test_generate_cli_bad_input_exits_2_with_one_line(capsys):
+  from jaxtrain import cli
+  assert cli.main(["generate", "--prompt=x"]) == 2
+  assert cli.main(["generate", "--workdir=tests/fixtures/hf/mha"]) == 2
+  assert cli.main(["generate", "--workdir=tests/fixtures/hf/mha", "--prompt=x"]) == 2  # no tokenizer
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 3 and all(line.startswith("error: ") for line in err)
