@@ -3,6 +3,7 @@ compiled sources, nothing that preloads a library or rewrites the environment.""
 
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -14,8 +15,11 @@ PACKAGE = REPO / "jaxtrain"
 
 def test_the_wheel_is_pure_python(tmp_path):
   pytest.importorskip("setuptools")
+  source = tmp_path / "src"  # setuptools builds in the source tree: keep the checkout clean
+  shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+      ".git", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
   subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                  "-w", str(tmp_path), str(REPO)], check=True, timeout=300)
+                  "-w", str(tmp_path), str(source)], check=True, timeout=300)
   (wheel,) = tmp_path.glob("*.whl")
   assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
 
