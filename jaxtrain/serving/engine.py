@@ -51,6 +51,7 @@ class Request:
   first_token_time: float | None = None
   done_time: float | None = None
   error: str | None = None
+  cancelled: bool = False  # set by Engine.cancel: the engine frees its slot and finishes it
   _event: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
 
   def wait(self, timeout=None):
@@ -116,6 +117,12 @@ class Engine:
     self._wake.set()
     return request
 
+  def cancel(self, request):
+    """Stop a request (its client went away): it finishes with finish_reason "cancelled" at the
+    engine's next look at it, freeing its slot; a waiting one never takes one."""
+    request.cancelled = True
+    self._wake.set()
+
   # -- the loop ---------------------------------------------------------------------------
 
   def _admit(self):
@@ -126,6 +133,9 @@ class Engine:
         if not self.waiting:
           return
         request = self.waiting.popleft()
+      if request.cancelled:
+        self._emit(request, [])
+        continue
       n = len(request.prompt)
       T = min(gen.bucket(n), self.max_len)
       tokens = np.zeros((1, T), np.int32)
@@ -146,8 +156,8 @@ class Engine:
     if request.first_token_time is None and ids:
       request.first_token_time = now
     new = []
-    reason = None
-    for t in ids:
+    reason = "cancelled" if request.cancelled else None
+    for t in ([] if reason else ids):
       if request.eos_id is not None and t == request.eos_id:
         reason = "stop"
         break

@@ -1,0 +1,317 @@
+"""A serving benchmark with vLLM's definitions (its `benchmark_serving`), for any OpenAI-compatible
+server: ours (`jaxtrain serve`, or started in-process with --workdir) or vLLM's.
+
+Each request streams (SSE) a random prompt of `input_len` token ids and asks for exactly
+`output_len` tokens (`ignore_eos`). Per request, with t0 its send time:
+
+  TTFT  time to first token: the first chunk with choices, minus t0
+  E2EL  end-to-end latency: the end of the stream minus t0
+  TPOT  time per output token after the first: (E2EL - TTFT) / (output tokens - 1)
+  ITL   inter-token latencies: the gaps between successive chunks (a server that sends several
+        tokens per chunk, as ours does with chunk > 1, has fewer, longer gaps)
+
+and over the run (duration: first send to last end): request throughput (completed / duration),
+output token throughput (output tokens / duration), total token throughput ((input + output
+tokens) / duration). Latencies are reported in ms as mean, median, std and p99. Output tokens
+are the usage chunk's completion_tokens.
+
+Arrivals are all at once (`request_rate` inf) or a Poisson process at `request_rate` requests/s;
+`max_concurrency` caps the requests in flight.
+
+Decode memory bandwidth achieved = bytes read per decode step / TPOT, where a decode step reads
+the weights once and every in-flight row's KV cache so far: param_bytes + B x (input_len +
+output_len / 2) x kv_bytes_per_token, B = min(requests, max_concurrency, slots). Our /v1/models
+gives those sizes; for another server pass --model-bytes (and --kv-bytes-per-token) or the
+number is omitted with a note. The device's bandwidth comes from jaxtrain/hardware.py.
+"""
+
+import asyncio
+import json
+import math
+import time
+
+import httpx
+import numpy as np
+
+from jaxtrain.errors import UserError
+
+METRICS = (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
+           ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency"))
+
+
+def random_prompts(n, input_len, vocab_size, seed):
+  """n prompts of exactly input_len token ids, avoiding ids 0-2 (special in most vocabularies)."""
+  rng = np.random.default_rng(seed)
+  low = 3 if vocab_size > 3 else 0
+  return [rng.integers(low, vocab_size, size=input_len).tolist() for _ in range(n)]
+
+
+def arrival_delays(n, request_rate, seed):
+  """Seconds between successive sends: 0 for inf, else exponential gaps (Poisson arrivals)."""
+  if math.isinf(request_rate):
+    return [0.0] * n
+  rng = np.random.default_rng(seed + 1)
+  return rng.exponential(1.0 / request_rate, size=n).tolist()
+
+
+async def _one(client, url, body, timeout):
+  """Send one streaming request; a dict with its timings, output tokens and any error."""
+  out = {"ttft": None, "itl": [], "e2el": None, "output_tokens": None, "chunks": 0,
+         "token_ids": 0, "error": None}
+  start = time.perf_counter()
+  last = start
+  try:
+    async with client.stream("POST", url, json=body, timeout=timeout) as r:
+      if r.status_code != 200:
+        text = (await r.aread()).decode(errors="replace")
+        out["error"] = f"HTTP {r.status_code}: {text[:200]}"
+        return out
+      async for line in r.aiter_lines():
+        if not line.startswith("data:"):
+          continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+          break
+        data = json.loads(payload)
+        if "error" in data:
+          out["error"] = str(data["error"])[:200]
+          break
+        if data.get("choices"):
+          now = time.perf_counter()
+          if out["ttft"] is None:
+            out["ttft"] = now - start
+          else:
+            out["itl"].append(now - last)
+          last = now
+          out["chunks"] += 1
+          out["token_ids"] += len(data["choices"][0].get("token_ids") or [])
+        if data.get("usage"):
+          out["output_tokens"] = data["usage"].get("completion_tokens")
+  except (httpx.HTTPError, json.JSONDecodeError) as e:
+    out["error"] = f"{type(e).__name__}: {e}"
+    return out
+  out["e2el"] = time.perf_counter() - start
+  if out["ttft"] is None and out["error"] is None:
+    out["error"] = "the stream had no tokens"
+  if out["output_tokens"] is None:  # no usage chunk: count what came
+    out["output_tokens"] = out["token_ids"] or out["chunks"]
+  return out
+
+
+async def _run(url, model, prompts, output_len, delays, max_concurrency, timeout):
+  limit = max_concurrency or len(prompts)
+  semaphore = asyncio.Semaphore(limit)
+  endpoint = url.rstrip("/") + "/v1/completions"
+
+  def body(prompt):
+    return {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+  limits = httpx.Limits(max_connections=limit + 1, max_keepalive_connections=limit + 1)
+  async with httpx.AsyncClient(limits=limits) as client:
+    # One request first, not counted (vLLM's bench does the same): checks the set-up, and a
+    # server that compiles lazily compiles here rather than inside the measurement.
+    probe = await _one(client, endpoint, body(prompts[0]), timeout)
+    if probe["error"]:
+      raise UserError(f"{url}: the test request failed: {probe['error']}")
+
+    async def limited(prompt):
+      async with semaphore:
+        return await _one(client, endpoint, body(prompt), timeout)
+
+    tasks = []
+    start = time.perf_counter()
+    for prompt, delay in zip(prompts, delays):
+      if delay:
+        await asyncio.sleep(delay)
+      tasks.append(asyncio.create_task(limited(prompt)))
+    outputs = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+  return outputs, duration
+
+
+def _stats(values_s):
+  ms = np.asarray(values_s, np.float64) * 1000.0
+  if ms.size == 0:
+    return {"mean": 0.0, "median": 0.0, "std": 0.0, "p99": 0.0}
+  return {"mean": float(ms.mean()), "median": float(np.median(ms)), "std": float(ms.std()),
+          "p99": float(np.percentile(ms, 99))}
+
+
+def metrics(outputs, input_len, duration):
+  """vLLM's metrics from per-request outputs (see the module docstring)."""
+  done = [o for o in outputs if o["error"] is None]
+  n_out = [o["output_tokens"] for o in done]
+  result = {"completed": len(done), "failed": len(outputs) - len(done), "duration": duration,
+            "total_input_tokens": input_len * len(done), "total_output_tokens": int(sum(n_out))}
+  result["request_throughput"] = len(done) / duration
+  result["output_throughput"] = result["total_output_tokens"] / duration
+  result["total_token_throughput"] = (result["total_input_tokens"]
+                                      + result["total_output_tokens"]) / duration
+  values = {"ttft": [o["ttft"] for o in done],
+            "tpot": [(o["e2el"] - o["ttft"]) / (n - 1) for o, n in zip(done, n_out) if n > 1],
+            "itl": [gap for o in done for gap in o["itl"]],
+            "e2el": [o["e2el"] for o in done]}
+  for name, vs in values.items():
+    for stat, v in _stats(vs).items():
+      result[f"{stat}_{name}_ms"] = v
+  errors = [o["error"] for o in outputs if o["error"] is not None]
+  if errors:
+    result["errors"] = errors[:5]
+  return result
+
+
+def bandwidth(result, info, *, num_prompts, max_concurrency, input_len, output_len,
+              model_bytes=None, kv_bytes_per_token=None, device_bandwidth_gbs=None):
+  """Decode memory bandwidth achieved (see the module docstring), or a note saying why not."""
+  info = info or {}
+  weights = model_bytes or info.get("param_bytes")
+  kv = kv_bytes_per_token if kv_bytes_per_token is not None else info.get("kv_bytes_per_token")
+  if not weights:
+    return {"note": "unknown model size: not a jaxtrain server, pass --model-bytes (and "
+                    "--kv-bytes-per-token) for the decode bandwidth"}
+  tpot_s = result["mean_tpot_ms"] / 1000.0
+  if tpot_s <= 0:
+    return {"note": "no TPOT (every request produced at most one token)"}
+  batch = min(num_prompts, max_concurrency or num_prompts, info.get("slots") or num_prompts)
+  kv_bytes = batch * (input_len + output_len / 2) * (kv or 0)
+  step_bytes = weights + kv_bytes
+  out = {"weight_bytes": int(weights), "kv_bytes_per_step": int(kv_bytes), "decode_batch": batch,
+         "bytes_per_step": int(step_bytes), "achieved_gbs": step_bytes / tpot_s / 1e9}
+  if kv is None:
+    out["note"] = "KV-cache bytes unknown (pass --kv-bytes-per-token): weights only"
+  peak = device_bandwidth_gbs or info.get("device_bandwidth_gbs")
+  if peak:
+    out["device_bandwidth_gbs"] = peak
+    out["fraction_of_device"] = out["achieved_gbs"] / peak
+  else:
+    kind = info.get("device_kind", "this device")
+    out["device_note"] = (f"no bandwidth for {kind!r} in jaxtrain/hardware.py (CPU: pass "
+                          "--device-bandwidth-gbs with a measured figure)")
+  return out
+
+
+def format_table(r):
+  """vLLM's result table."""
+  rows = [("Successful requests", r["completed"]), ("Failed requests", r["failed"]),
+          ("Benchmark duration (s)", r["duration"]),
+          ("Total input tokens", r["total_input_tokens"]),
+          ("Total generated tokens", r["total_output_tokens"]),
+          ("Request throughput (req/s)", r["request_throughput"]),
+          ("Output token throughput (tok/s)", r["output_throughput"]),
+          ("Total Token throughput (tok/s)", r["total_token_throughput"])]
+  lines = ["{s:{c}^50}".format(s=" Serving Benchmark Result ", c="=")]
+  lines += [f"{k + ':':<40}{v:<10.2f}" if isinstance(v, float) else f"{k + ':':<40}{v:<10}"
+            for k, v in rows]
+  for name, title in METRICS:
+    lines.append("{s:{c}^50}".format(s=title, c="-"))
+    for stat in ("mean", "median", "std", "p99"):
+      label = {"mean": "Mean", "median": "Median", "std": "Std", "p99": "P99"}[stat]
+      lines.append(f"{f'{label} {name.upper()} (ms):':<40}{r[f'{stat}_{name}_ms']:<10.2f}")
+  bw = r.get("decode_bandwidth", {})
+  lines.append("{s:{c}^50}".format(s="Decode memory bandwidth", c="-"))
+  if "achieved_gbs" in bw:
+    lines.append(f"{'Decode bandwidth achieved (GB/s):':<40}{bw['achieved_gbs']:<10.2f}")
+    lines.append(f"{'Bytes per decode step (MB):':<40}{bw['bytes_per_step'] / 1e6:<10.2f}")
+    if "fraction_of_device" in bw:
+      lines.append(f"{'Device bandwidth (GB/s):':<40}{bw['device_bandwidth_gbs']:<10.1f}")
+      lines.append(f"{'Fraction of device bandwidth:':<40}{bw['fraction_of_device']:<10.3f}")
+    else:
+      lines.append(f"Decode bandwidth: {bw.get('device_note', '')}")
+  else:
+    lines.append(f"Decode bandwidth: {bw.get('note', 'not measured')}")
+  for e in r.get("errors", []):
+    lines.append(f"error: {e}")
+  lines.append("=" * 50)
+  return "\n".join(lines)
+
+
+def server_model(url, model=None, timeout=30.0):
+  """(model name, the jaxtrain info dict or None) from GET /v1/models."""
+  try:
+    r = httpx.get(url.rstrip("/") + "/v1/models", timeout=timeout)
+  except httpx.HTTPError as e:
+    raise UserError(f"--url={url}: cannot reach the server ({type(e).__name__}: {e})") from None
+  if r.status_code != 200:
+    raise UserError(f"--url={url}: GET /v1/models answered {r.status_code}")
+  try:
+    data = r.json()["data"]
+  except (ValueError, KeyError, TypeError):
+    raise UserError(f"--url={url}: /v1/models did not answer an OpenAI model list") from None
+  if model is None:
+    if not data:
+      raise UserError(f"--url={url}: the server lists no model (pass --model)")
+    model = data[0]["id"]
+  info = next((m.get("jaxtrain") for m in data if m.get("id") == model), None)
+  return model, info
+
+
+def run_bench(*, url, model=None, num_prompts=100, input_len=128, output_len=128,
+              request_rate=float("inf"), max_concurrency=None, seed=0, result_file=None,
+              vocab_size=None, model_bytes=None, kv_bytes_per_token=None,
+              device_bandwidth_gbs=None, timeout=600.0, log=print):
+  """Benchmark the server at `url`; prints the table, writes `result_file`, returns the dict."""
+  if num_prompts < 1 or input_len < 1 or output_len < 1:
+    raise UserError("--num-prompts, --random-input-len and --random-output-len must be >= 1")
+  if request_rate <= 0:
+    raise UserError(f"--request-rate must be > 0 (inf: all at once), got {request_rate}")
+  if max_concurrency is not None and max_concurrency < 1:
+    raise UserError(f"--max-concurrency must be >= 1, got {max_concurrency}")
+  model, info = server_model(url, model)
+  vocab = vocab_size or (info or {}).get("vocab_size") or 1000
+  prompts = random_prompts(num_prompts, input_len, vocab, seed)
+  delays = arrival_delays(num_prompts, request_rate, seed)
+  outputs, duration = asyncio.run(_run(url, model, prompts, output_len, delays, max_concurrency,
+                                       timeout))
+  result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "url": url, "model": model,
+            "num_prompts": num_prompts, "random_input_len": input_len,
+            "random_output_len": output_len, "request_rate": request_rate,
+            "max_concurrency": max_concurrency, "seed": seed, "server": info}
+  result.update(metrics(outputs, input_len, duration))
+  result["decode_bandwidth"] = bandwidth(
+      result, info, num_prompts=num_prompts, max_concurrency=max_concurrency,
+      input_len=input_len, output_len=output_len, model_bytes=model_bytes,
+      kv_bytes_per_token=kv_bytes_per_token, device_bandwidth_gbs=device_bandwidth_gbs)
+  if math.isinf(request_rate):
+    result["request_rate"] = "inf"
+  if log:
+    log(format_table(result))
+  if result_file:
+    with open(result_file, "w") as f:
+      json.dump(result, f, indent=2)
+    if log:
+      log(f"results: {result_file}")
+  return result
+
+
+def bench_workdir(workdir, *, slots=8, max_len=None, chunk=8, step=None, log=print, **kwargs):
+  """`run_bench` against our server, started in-process on a free port of 127.0.0.1."""
+  import jaxtrain  # pylint: disable=import-outside-toplevel
+  from jaxtrain.serving import server as server_lib  # pylint: disable=import-outside-toplevel
+  input_len = kwargs.get("input_len", 128)
+  output_len = kwargs.get("output_len", 128)
+  model, tokenizer = jaxtrain.load_model(workdir, step=step)
+  max_len = max_len or min(model.config.max_seq_len,
+                           _pow2(input_len + output_len))
+  if input_len + output_len > max_len:
+    raise UserError(f"--random-input-len + --random-output-len = {input_len + output_len} "
+                    f"exceeds --max-len={max_len}")
+  engine = server_lib.make_engine(model, tokenizer, slots=slots, max_len=max_len, chunk=chunk,
+                                  max_prompt_tokens=max(input_len, max_len // 2), log=log)
+  try:
+    app = server_lib.CompletionServer(engine, tokenizer, model_name="jaxtrain",
+                                      limits=server_lib.Limits(max_tokens=max_len))
+    http = server_lib.BackgroundServer(app.app).start()
+    try:
+      return run_bench(url=http.url, log=log, **kwargs)
+    finally:
+      http.close()
+  finally:
+    engine.stop()
+
+
+def _pow2(n):
+  b = 1
+  while b < n:
+    b *= 2
+  return b

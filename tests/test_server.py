@@ -1,0 +1,278 @@
+"""The OpenAI-compatible server: concurrent requests (streaming and not) give jaxtrain.generate's
+tokens, streams end with the usage chunk and [DONE], stop strings and max_tokens end requests
+with the right finish_reason, malformed or oversized requests (a generated table of hundreds)
+get a 4xx JSON error naming the field and never a 5xx, a client that hangs up does not wedge
+the engine, and `bench serve` against the server reports every metric."""
+
+import concurrent.futures
+import json
+import random
+
+import httpx
+import pytest
+
+import jaxtrain
+from jaxtrain import model as model_lib
+from jaxtrain.serving import bench as bench_lib
+from jaxtrain.serving import server as server_lib
+
+TINY = model_lib.ModelConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2,
+                             d_ff=80, max_seq_len=128)
+PROMPTS = [[5, 7, 11, 3, 2], list(range(1, 20)), [4], [9, 9, 8, 1, 60, 2, 33]]
+TIMEOUT = httpx.Timeout(60.0)
+
+
+CHARS = [chr(32 + i) for i in range(95)] + ["\u00e9", "\u00f1"]  # one character per token id
+
+
+class CharTokenizer:
+  """One character per token (text and ids map one to one); id 0 (a space) is EOS."""
+  eos_id = 0
+  bos_id = None
+
+  def encode(self, text):
+    return [CHARS.index(c) if c in CHARS else 1 for c in text]
+
+  def decode(self, ids):
+    return "".join(CHARS[i] for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return model_lib.create(TINY, seed=1)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+  engine = server_lib.make_engine(model, CharTokenizer(), slots=3, max_len=128, chunk=4,
+                                  max_prompt_tokens=32)
+  app = server_lib.CompletionServer(engine, CharTokenizer(), model_name="tiny",
+                                    limits=server_lib.Limits(max_body_bytes=4096, max_tokens=64))
+  submitted = []
+  submit = engine.submit
+  engine.submit = lambda r: submitted.append(submit(r)) or r  # to look at requests afterwards
+  http = server_lib.BackgroundServer(app.app).start()
+  http.submitted = submitted
+  yield http
+  http.close()
+  engine.stop()
+
+
+def post(server, body, **kw):
+  return httpx.post(f"{server.url}/v1/completions", json=body, timeout=TIMEOUT, **kw)
+
+
+def stream(server, body):
+  """(text, events as parsed JSON, whether it ended with [DONE])."""
+  events, done = [], False
+  with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True},
+                    timeout=TIMEOUT) as r:
+    assert r.status_code == 200, r.read()
+    for line in r.iter_lines():
+      if not line.startswith("data: "):
+        continue
+      assert not done, "data after [DONE]"
+      if line == "data: [DONE]":
+        done = True
+      else:
+        events.append(json.loads(line[6:]))
+  text = "".join(c["text"] for e in events for c in e.get("choices", []))
+  return text, events, done
+
+
+def test_concurrent_requests_streaming_and_not_equal_generate(server, model):
+  n = 12
+  expected = jaxtrain.generate(model, PROMPTS, max_new_tokens=n)  # no tokenizer: no EOS
+
+  def one(i):
+    body = {"prompt": PROMPTS[i % 4], "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    if i % 2:
+      text, events, done = stream(server, body)
+      assert done and events[-1]["choices"][0]["finish_reason"] == "length"
+      return text
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "text_completion" and out["model"] == "tiny"
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert out["choices"][0]["logprobs"] is None
+    assert out["usage"] == {"prompt_tokens": len(PROMPTS[i % 4]), "completion_tokens": n,
+                            "total_tokens": len(PROMPTS[i % 4]) + n}
+    return out["choices"][0]["text"]
+
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    texts = list(pool.map(one, range(8)))  # more requests than slots: some wait for one
+  want = [CharTokenizer().decode(r.tokens) for r in expected]
+  assert texts == [want[i % 4] for i in range(8)]
+
+
+def test_text_prompt_stream_has_usage_chunk_then_done(server):
+  body = {"prompt": "def f(x):", "max_tokens": 7, "temperature": 0, "ignore_eos": True,
+          "stream_options": {"include_usage": True}, "model": "tiny"}
+  text, events, done = stream(server, body)
+  assert done
+  usage_chunk = events[-1]
+  assert usage_chunk["choices"] == [] and usage_chunk["usage"] == {
+      "prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}
+  assert all(e["usage"] is None for e in events[:-1])
+  plain = post(server, {k: v for k, v in body.items() if k != "stream_options"}).json()
+  assert text == plain["choices"][0]["text"]
+
+
+def test_stop_string_ends_with_stop_and_never_leaks_into_the_stream(server):
+  base = {"prompt": [5, 7, 11, 3, 2], "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+  full = post(server, base).json()["choices"][0]["text"]
+  assert len(full) == 40  # one character per token
+  stop = full[20:23]
+  cut = full.find(stop)
+  out = post(server, {**base, "stop": [stop, "never-there"]}).json()
+  assert out["choices"][0]["finish_reason"] == "stop"
+  assert out["choices"][0]["text"] == full[:cut]
+  text, events, done = stream(server, {**base, "stop": stop})
+  assert done and text == full[:cut] and events[-1]["choices"][0]["finish_reason"] == "stop"
+  out = post(server, {**base, "max_tokens": 3}).json()
+  assert out["choices"][0]["finish_reason"] == "length" and out["choices"][0]["text"] == full[:3]
+
+
+def test_models_and_health(server):
+  models = httpx.get(f"{server.url}/v1/models", timeout=TIMEOUT).json()
+  (m,) = models["data"]
+  assert m["id"] == "tiny" and m["jaxtrain"]["param_bytes"] > 0
+  assert m["jaxtrain"]["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 4
+  assert httpx.get(f"{server.url}/health", timeout=TIMEOUT).json() == {"status": "ok"}
+
+
+GOOD = {"prompt": [1, 2, 3], "max_tokens": 2, "temperature": 0}
+BAD_FIELDS = [  # (field, bad values); each is tried in place of GOOD's or added to it
+    ("prompt", [None, 3, 2.5, True, "", [], [-1], [97], [1.5], [[1], [2]], ["a", "b"],
+                [True], {"a": 1}, list(range(33)), "x" * 40, [[]]]),
+    ("max_tokens", [0, -1, 2.5, "2", True, [], 10 ** 30, 65, 126]),
+    ("temperature", [-0.1, "0", [], True, 1e9]),
+    ("top_p", [0, -1, 1.5, "1", False]),
+    ("top_k", [-2, 1.5, "3", True]),
+    ("seed", [1.5, "1", 2 ** 64, True]),
+    ("stop", [3, [3], [""], "", ["x"] * 17, ["x" * 300], {"a": 1}]),
+    ("stream", ["yes", 1, []]),
+    ("stream_options", [3, "x", []]),
+    ("ignore_eos", ["no", 0]),
+    ("model", ["gpt-4", 3, []]),
+    ("n", [2, "1", True, 0]),
+    ("best_of", [3]),
+    ("echo", [True]),
+    ("logprobs", [1, 5]),
+    ("presence_penalty", [0.5]),
+    ("frequency_penalty", [1]),
+    ("logit_bias", [{"1": 100}]),
+]
+RAW_BODIES = [b"", b"{", b"[1, 2]", b'"prompt"', b"null", b"3", b'{"prompt": NaN}',
+              b'{"prompt": [1], "temperature": Infinity}', b"\xff\xfe\x00",
+              b"[" * 5000 + b"]" * 5000, b'{"prompt": [1], "max_tokens": 1e999}',
+              b'{"max_tokens": 2}']
+
+
+def malformed_table(n_random=300, seed=0):
+  """(description, raw body, headers) of requests that must all get a 4xx."""
+  cases = []
+  for field, values in BAD_FIELDS:
+    for v in values:
+      cases.append((f"{field}={v!r}"[:60], json.dumps({**GOOD, field: v}).encode(), {}))
+  cases.append(("stream_options without stream",
+                json.dumps({**GOOD, "stream_options": {"include_usage": True}}).encode(), {}))
+  cases.append(("include_usage not bool", json.dumps(
+      {**GOOD, "stream": True, "stream_options": {"include_usage": "y"}}).encode(), {}))
+  cases += [(f"raw {b[:20]!r}", b, {}) for b in RAW_BODIES]
+  cases.append(("oversized body", json.dumps({**GOOD, "pad": "x" * 5000}).encode(), {}))
+  rng = random.Random(seed)
+  junk = [None, True, -1, 0, 2 ** 70, 1e308, -1e-9, "", "\u2603" * 3, [], [None], {}, [[1]],
+          {"x": [1]}, "x" * 300, list(range(200))]
+  keys = [k for k, _ in BAD_FIELDS]
+  while len(cases) < len(BAD_FIELDS) + n_random:
+    # Random mutations of the good request: each body breaks at least one field for sure.
+    body = dict(GOOD)
+    field, values = rng.choice(BAD_FIELDS)
+    body[field] = rng.choice(values)
+    for _ in range(rng.randrange(3)):
+      body[rng.choice(keys)] = rng.choice(junk)
+    if rng.random() < 0.2:
+      body.pop("prompt", None)
+    raw = json.dumps(body).encode()
+    if rng.random() < 0.1:
+      raw = raw[:rng.randrange(len(raw))]
+    cases.append((f"random {raw[:50]!r}", raw, {}))
+  return cases
+
+
+def _broken_by_junk(raw):
+  """Random junk may by chance leave a valid request: such bodies are allowed a 200."""
+  try:
+    body = json.loads(raw)
+  except ValueError:
+    return True
+  return not (isinstance(body, dict) and body.get("prompt") is not None)
+
+
+def test_malformed_and_oversized_requests_get_4xx_json_errors_and_the_server_keeps_serving(
+    server):
+  cases = malformed_table()
+  assert len(cases) >= 300
+  with httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
+    for what, raw, headers in cases:
+      r = client.post("/v1/completions", content=raw,
+                      headers={"content-type": "application/json", **headers})
+      assert r.status_code < 500, (what, r.status_code, r.text)
+      if r.status_code == 200:  # a random mutation that happened to be valid
+        assert what.startswith("random") and not _broken_by_junk(raw), (what, r.text)
+        continue
+      assert 400 <= r.status_code < 500, (what, r.status_code)
+      error = r.json()["error"]
+      assert error["message"] and error["type"], (what, error)
+    # Fields named: one check per kind of error.
+    for field in ("prompt", "max_tokens", "temperature", "top_p", "stop", "model", "n"):
+      values = dict(BAD_FIELDS)[field]
+      r = client.post("/v1/completions", json={**GOOD, field: values[0]})
+      assert r.json()["error"]["param"] == field, (field, r.text)
+    assert client.post("/v1/completions", content=b"x" * 5000).status_code == 413
+    assert client.get("/v1/nope").status_code == 404
+    assert "error" in client.get("/v1/completions").json()  # 405
+    r = client.post("/v1/completions", json=GOOD)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_client_that_hangs_up_mid_stream_does_not_wedge_the_engine(server):
+  body = {"prompt": [3, 4, 5], "max_tokens": 64, "temperature": 0, "ignore_eos": True,
+          "stream": True}
+  before = len(server.submitted)
+  for _ in range(4):  # more hang-ups than slots
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=TIMEOUT) as r:
+      for line in r.iter_lines():
+        if line.startswith("data: {"):
+          break  # hang up after the first chunk
+  r = post(server, {**GOOD, "max_tokens": 5, "ignore_eos": True})
+  assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+  hung_up = server.submitted[before:before + 4]
+  for request in hung_up:
+    request.wait(timeout=30)
+  # Each was cancelled, freeing its slot early, rather than decoding to max_tokens.
+  assert [r.finish_reason for r in hung_up] == ["cancelled"] * 4
+  assert all(len(r.tokens) < 64 for r in hung_up)
+
+
+def test_bench_serve_against_the_server_reports_every_metric(server, tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  result = bench_lib.run_bench(url=server.url, num_prompts=5, input_len=8, output_len=6,
+                               request_rate=float("inf"), max_concurrency=3, seed=0,
+                               result_file=str(out))
+  table = capsys.readouterr().out
+  saved = json.loads(out.read_text())
+  assert saved["completed"] == 5 and saved["total_output_tokens"] == 30
+  assert saved["total_input_tokens"] == 40
+  for metric in ("ttft", "tpot", "itl", "e2el"):
+    for stat in ("mean", "median", "std", "p99"):
+      assert saved[f"{stat}_{metric}_ms"] >= 0, (metric, stat)
+  for key in ("request_throughput", "output_throughput", "total_token_throughput", "duration"):
+    assert saved[key] > 0
+  assert saved["decode_bandwidth"]["achieved_gbs"] > 0
+  assert saved == result
+  for line in ("Request throughput (req/s)", "Mean TTFT (ms)", "P99 TPOT (ms)",
+               "Median ITL (ms)", "Mean E2EL (ms)", "Decode bandwidth"):
+    assert line in table, table
