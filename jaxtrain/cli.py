@@ -345,8 +345,151 @@ def cmd_generate(argv):
       print("-" * 40)
 
 
+def _number(args, name, kind, default):
+  """A numeric flag (its default when absent), or a one-line UserError naming it."""
+  if name not in args.flags:
+    return default
+  try:
+    return kind(args.flags[name])
+  except ValueError:
+    raise UserError(f"--{name.replace('_', '-')}={args.flags[name]!r} is not "
+                    f"{'an integer' if kind is int else 'a number'}") from None
+
+
+def cmd_serve(argv):
+  """Serve a checkpoint over HTTP with OpenAI's completions API (continuous batching).
+
+  usage: jaxtrain serve --workdir=DIR [--host=127.0.0.1] [--port=8000] [--slots=8] [flags]
+
+  Compiles prefill and decode for every prompt bucket first, then prints "ready" and serves
+  POST /v1/completions (streaming or not), GET /v1/models and GET /health until Ctrl-C.
+  Details and curl examples: docs/serving.md.
+
+  flags:
+    --workdir=DIR            a training workdir (latest checkpoint) or an HF LLaMA directory
+    --host=HOST              address to bind (default 127.0.0.1: this machine only)
+    --port=N                 port (default 8000)
+    --slots=N                requests decoded together (default 8)
+    --max-len=N              KV-cache length per slot, prompt + output (default the model's
+                             max_seq_len)
+    --chunk=N                decode steps per dispatch, tokens per stream chunk (default 8)
+    --step=N                 a checkpoint other than the latest
+    --model-name=NAME        the model's name in the API (default the directory's name)
+    --max-prompt-tokens=N    longest prompt accepted (default max-len / 2)
+    --max-tokens=N           largest max_tokens accepted (default: what fits after the prompt)
+    --max-body-bytes=N       largest request body accepted (default 1048576)
+    --max-waiting=N          queued requests beyond the slots before a 429 (default 1024)
+
+  examples:
+    jaxtrain serve --workdir=runs/default
+    jaxtrain serve --workdir=runs/35m --port=8001 --slots=16 --max-len=512
+    curl -s localhost:8000/v1/completions -H 'content-type: application/json' \\
+      -d '{"prompt": "def ", "max_tokens": 32, "temperature": 0}'
+
+  exit codes: 0 stopped with Ctrl-C; 2 bad flags, workdir or a taken port (one line on
+  stderr); 1 other failure
+  """
+  args = Args(argv, flags=("workdir", "host", "port", "slots", "max_len", "chunk", "step",
+                           "model_name", "max_prompt_tokens", "max_tokens", "max_body_bytes",
+                           "max_waiting"))
+  workdir = args.flags.get("workdir")
+  if not workdir:
+    raise UserError("jaxtrain serve needs --workdir=DIR (a workdir or an HF LLaMA directory)")
+  ints = {name: _number(args, name, int, None)
+          for name in ("port", "slots", "max_len", "chunk", "step", "max_prompt_tokens",
+                       "max_tokens", "max_body_bytes", "max_waiting")}
+  for name, value in ints.items():
+    if value is not None and value < (0 if name in ("port", "step") else 1):
+      raise UserError(f"--{name.replace('_', '-')}={value} is out of range")
+  from jaxtrain.serving import server  # pylint: disable=import-outside-toplevel
+  limits = server.Limits(max_prompt_tokens=ints["max_prompt_tokens"],
+                         max_tokens=ints["max_tokens"],
+                         max_body_bytes=ints["max_body_bytes"] or 1 << 20,
+                         max_waiting=ints["max_waiting"] or 1024)
+  server.serve(workdir, host=args.flags.get("host", "127.0.0.1"),
+               port=8000 if ints["port"] is None else ints["port"], slots=ints["slots"] or 8,
+               max_len=ints["max_len"], chunk=ints["chunk"] or 8, step=ints["step"],
+               model_name=args.flags.get("model_name"), limits=limits)
+
+
+def cmd_bench(argv):
+  """Benchmark serving with vLLM's metrics (TTFT, TPOT, ITL, E2EL, throughputs).
+
+  usage: jaxtrain bench serve --url=URL [flags]        (any OpenAI-compatible server)
+         jaxtrain bench serve --workdir=DIR [flags]    (starts ours in-process on 127.0.0.1)
+
+  Streams --num-prompts random prompts of --random-input-len token ids, each asking for exactly
+  --random-output-len tokens, and prints vLLM's table (mean, median, std, p99 of each latency)
+  and the decode memory bandwidth achieved. Definitions: docs/serving.md.
+
+  flags:
+    --url=URL                  a running server, e.g. http://127.0.0.1:8000
+    --workdir=DIR              instead of --url: serve this workdir or HF directory in-process
+    --model=NAME               the model to ask for (default the first of /v1/models)
+    --num-prompts=N            requests (default 100)
+    --random-input-len=N       prompt tokens per request (default 128)
+    --random-output-len=N      output tokens per request (default 128)
+    --request-rate=R           Poisson arrivals at R requests/s (default inf: all at once)
+    --max-concurrency=N        at most N requests in flight (default no limit)
+    --seed=S                   prompts and arrivals (default 0)
+    --result-file=FILE         also write the results as JSON
+    --model-bytes=N            weight bytes, for the bandwidth with a non-jaxtrain server
+    --kv-bytes-per-token=N     KV-cache bytes per token, likewise
+    --device-bandwidth-gbs=G   the device's bandwidth when jaxtrain/hardware.py has none (CPU)
+    --vocab-size=N             random ids below N (default the server's, else 1000)
+    --timeout=S                per-request timeout in seconds (default 600)
+    --slots=N, --max-len=N, --chunk=N, --step=N   with --workdir: as for jaxtrain serve
+
+  examples:
+    jaxtrain bench serve --workdir=runs/35m --num-prompts=32 --random-input-len=64 \\
+      --random-output-len=64 --result-file=bench.json
+    jaxtrain bench serve --url=http://127.0.0.1:8000 --request-rate=4 --max-concurrency=8
+
+  exit codes: 0 printed; 2 bad flags, unreachable server or a failed test request (one line on
+  stderr); 1 other failure
+  """
+  args = Args(argv, flags=("url", "workdir", "model", "num_prompts", "random_input_len",
+                           "random_output_len", "request_rate", "max_concurrency", "seed",
+                           "result_file", "model_bytes", "kv_bytes_per_token",
+                           "device_bandwidth_gbs", "vocab_size", "timeout", "slots", "max_len",
+                           "chunk", "step"))
+  usage = "usage: jaxtrain bench serve --url=URL | --workdir=DIR [flags]"
+  if args.positional != ["serve"]:
+    if not args.positional:
+      raise UserError(f"jaxtrain bench needs a benchmark ({usage})")
+    word = " ".join(args.positional)
+    raise UserError(f"unknown benchmark {word!r}{suggest(word, ['serve'])} ({usage})")
+  url, workdir = args.flags.get("url"), args.flags.get("workdir")
+  if bool(url) == bool(workdir):
+    raise UserError(f"jaxtrain bench serve needs exactly one of --url and --workdir ({usage})")
+  kwargs = dict(
+      model=args.flags.get("model"), num_prompts=_number(args, "num_prompts", int, 100),
+      input_len=_number(args, "random_input_len", int, 128),
+      output_len=_number(args, "random_output_len", int, 128),
+      request_rate=_number(args, "request_rate", float, float("inf")),
+      max_concurrency=_number(args, "max_concurrency", int, None),
+      seed=_number(args, "seed", int, 0), result_file=args.flags.get("result_file"),
+      vocab_size=_number(args, "vocab_size", int, None),
+      model_bytes=_number(args, "model_bytes", int, None),
+      kv_bytes_per_token=_number(args, "kv_bytes_per_token", int, None),
+      device_bandwidth_gbs=_number(args, "device_bandwidth_gbs", float, None),
+      timeout=_number(args, "timeout", float, 600.0))
+  from jaxtrain.serving import bench  # pylint: disable=import-outside-toplevel
+  if url:
+    for name in ("slots", "max_len", "chunk", "step"):
+      if name in args.flags:
+        raise UserError(f"--{name.replace('_', '-')} only applies with --workdir")
+    bench.run_bench(url=url, **kwargs)
+  else:
+    bench.bench_workdir(workdir, slots=_number(args, "slots", int, 8),
+                        max_len=_number(args, "max_len", int, None),
+                        chunk=_number(args, "chunk", int, 8), step=_number(args, "step", int, None),
+                        **kwargs)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "data": cmd_data,
-            "convert": cmd_convert, "compare": cmd_compare, "generate": cmd_generate}
+            "convert": cmd_convert, "compare": cmd_compare, "generate": cmd_generate, "serve": cmd_serve,
+            "bench": cmd_bench}
 
 
 def verb_help(verb):

@@ -246,17 +246,22 @@ def server_model(url, model=None, timeout=30.0):
   return model, info
 
 
+def check_args(num_prompts, input_len, output_len, request_rate, max_concurrency):
+  """UserError for numbers no benchmark can use (before anything is loaded or compiled)."""
+  if num_prompts < 1 or input_len < 1 or output_len < 1:
+    raise UserError("--num-prompts, --random-input-len and --random-output-len must be >= 1")
+  if not request_rate > 0:
+    raise UserError(f"--request-rate must be > 0 (inf: all at once), got {request_rate}")
+  if max_concurrency is not None and max_concurrency < 1:
+    raise UserError(f"--max-concurrency must be >= 1, got {max_concurrency}")
+
+
 def run_bench(*, url, model=None, num_prompts=100, input_len=128, output_len=128,
               request_rate=float("inf"), max_concurrency=None, seed=0, result_file=None,
               vocab_size=None, model_bytes=None, kv_bytes_per_token=None,
               device_bandwidth_gbs=None, timeout=600.0, log=print):
   """Benchmark the server at `url`; prints the table, writes `result_file`, returns the dict."""
-  if num_prompts < 1 or input_len < 1 or output_len < 1:
-    raise UserError("--num-prompts, --random-input-len and --random-output-len must be >= 1")
-  if request_rate <= 0:
-    raise UserError(f"--request-rate must be > 0 (inf: all at once), got {request_rate}")
-  if max_concurrency is not None and max_concurrency < 1:
-    raise UserError(f"--max-concurrency must be >= 1, got {max_concurrency}")
+  check_args(num_prompts, input_len, output_len, request_rate, max_concurrency)
   model, info = server_model(url, model)
   vocab = vocab_size or (info or {}).get("vocab_size") or 1000
   prompts = random_prompts(num_prompts, input_len, vocab, seed)
@@ -290,6 +295,8 @@ def bench_workdir(workdir, *, slots=8, max_len=None, chunk=8, step=None, log=pri
   from jaxtrain.serving import server as server_lib  # pylint: disable=import-outside-toplevel
   input_len = kwargs.get("input_len", 128)
   output_len = kwargs.get("output_len", 128)
+  check_args(kwargs.get("num_prompts", 100), input_len, output_len,
+             kwargs.get("request_rate", float("inf")), kwargs.get("max_concurrency"))
   model, tokenizer = jaxtrain.load_model(workdir, step=step)
   max_len = max_len or min(model.config.max_seq_len,
                            _pow2(input_len + output_len))

@@ -424,9 +424,10 @@ def bound_socket(host="127.0.0.1", port=0):
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
   try:
     sock.bind((host, port))
-  except OSError as e:
+  except (OSError, OverflowError) as e:
     sock.close()
-    raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    raise UserError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+  sock.listen(2048)  # connections queue from here on, before uvicorn takes the socket
   return sock
 
 
