@@ -180,11 +180,12 @@ class Engine:
       request.text = text
     if reason is None and len(request.prompt) + len(request.tokens) >= self.max_len:
       reason = "length"
+    if reason is not None:  # before on_tokens, so a stream can send its last chunk with it
+      request.finish_reason = reason
+      request.done_time = now
     if request.on_tokens is not None and (new or reason):
       request.on_tokens(request, new)
     if reason is not None:
-      request.finish_reason = reason
-      request.done_time = now
       if request.on_done is not None:
         request.on_done(request)
       request._event.set()  # pylint: disable=protected-access

@@ -294,8 +294,8 @@ class CompletionServer:
     return b"".join(chunks)
 
   def _submit(self, request):
-    """Hand a request to the engine; returns an asyncio.Queue of ("tokens", text, ids) and
-    ("done",) events posted from the engine's thread."""
+    """Hand a request to the engine; returns an asyncio.Queue of ("tokens", text, new ids,
+    finish_reason or None) and ("done",) events posted from the engine's thread."""
     loop = asyncio.get_running_loop()
     events = asyncio.Queue()
 
@@ -305,7 +305,7 @@ class CompletionServer:
       except RuntimeError:  # the loop is gone (shutting down): nobody is listening
         pass
 
-    request.on_tokens = lambda r, new: post(("tokens", r.text, list(new)))
+    request.on_tokens = lambda r, new: post(("tokens", r.text, list(new), r.finish_reason))
     request.on_done = lambda r: post(("done",))
     self.engine.submit(request)
     return events
@@ -352,9 +352,13 @@ class CompletionServer:
           event = await events.get()
           if event[0] == "done":
             break
-          _, text, ids = event
-          safe = len(text) - _held_back(text, request.stop)
+          _, text, ids, reason = event
           ids = ids if self.tokenizer is None else None
+          if reason is not None:  # the last tokens: everything left, with the finish reason
+            if reason != "error":
+              yield chunk(text[sent:], reason, ids)
+            break
+          safe = len(text) - _held_back(text, request.stop)
           if safe > sent or ids:
             yield chunk(text[sent:safe], ids=ids)
             sent = max(sent, safe)
@@ -363,8 +367,6 @@ class CompletionServer:
                    "param": None, "code": None}
           yield f"data: {json.dumps({'error': error})}\n\n"
         else:
-          yield chunk(request.text[sent:], request.finish_reason,
-                      [] if self.tokenizer is None else None)
           if include_usage:
             yield f"data: {json.dumps(self._body(rid, [], usage=self._usage(request)))}\n\n"
         yield "data: [DONE]\n\n"
