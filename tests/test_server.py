@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 import jaxtrain
+from jaxtrain import cli
 from jaxtrain import model as model_lib
 from jaxtrain.serving import bench as bench_lib
 from jaxtrain.serving import server as server_lib
@@ -259,9 +260,9 @@ def test_a_client_that_hangs_up_mid_stream_does_not_wedge_the_engine(server):
 
 def test_bench_serve_against_the_server_reports_every_metric(server, tmp_path, capsys):
   out = tmp_path / "bench.json"
-  result = bench_lib.run_bench(url=server.url, num_prompts=5, input_len=8, output_len=6,
-                               request_rate=float("inf"), max_concurrency=3, seed=0,
-                               result_file=str(out))
+  assert cli.main(["bench", "serve", f"--url={server.url}", "--num-prompts=5",
+                   "--random-input-len=8", "--random-output-len=6", "--max-concurrency=3",
+                   f"--result-file={out}"]) == 0
   table = capsys.readouterr().out
   saved = json.loads(out.read_text())
   assert saved["completed"] == 5 and saved["total_output_tokens"] == 30
@@ -272,7 +273,11 @@ def test_bench_serve_against_the_server_reports_every_metric(server, tmp_path, c
   for key in ("request_throughput", "output_throughput", "total_token_throughput", "duration"):
     assert saved[key] > 0
   assert saved["decode_bandwidth"]["achieved_gbs"] > 0
-  assert saved == result
+  assert saved["model"] == "tiny" and saved["server"]["slots"] == 3
+  # Poisson arrivals at a finite rate, through the Python API.
+  poisson = bench_lib.run_bench(url=server.url, num_prompts=3, input_len=4, output_len=3,
+                                request_rate=50.0, seed=1, log=None)
+  assert poisson["completed"] == 3 and poisson["request_rate"] == 50.0
   for line in ("Request throughput (req/s)", "Mean TTFT (ms)", "P99 TPOT (ms)",
                "Median ITL (ms)", "Mean E2EL (ms)", "Decode bandwidth"):
     assert line in table, table
