@@ -488,8 +488,8 @@ def cmd_bench(argv):
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "data": cmd_data,
-            "convert": cmd_convert, "compare": cmd_compare, "generate": cmd_generate, "serve": cmd_serve,
-            "bench": cmd_bench}
+            "convert": cmd_convert, "compare": cmd_compare, "generate": cmd_generate,
+            "serve": cmd_serve, "bench": cmd_bench}
 
 
 def verb_help(verb):

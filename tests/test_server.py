@@ -281,3 +281,37 @@ def test_bench_serve_against_the_server_reports_every_metric(server, tmp_path, c
   for line in ("Request throughput (req/s)", "Mean TTFT (ms)", "P99 TPOT (ms)",
                "Median ITL (ms)", "Mean E2EL (ms)", "Decode bandwidth"):
     assert line in table, table
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["serve"], "--workdir"),
+    (["serve", "--workdir=tests/fixtures/hf/mha", "--port=99999"], "99999"),
+    (["serve", "--workdir=tests/fixtures/hf/mha", "--slots=0"], "--slots"),
+    (["serve", "--workdir=no/such/dir", "--port=0"], "no/such/dir"),
+    (["bench"], "serve"),
+    (["bench", "serv"], "did you mean serve?"),
+    (["bench", "serve"], "--url"),
+    (["bench", "serve", "--url=http://127.0.0.1:1"], "cannot reach"),
+    (["bench", "serve", "--url=http://x", "--num-prompts=many"], "--num-prompts"),
+    (["bench", "serve", "--url=http://x", "--slots=2"], "--slots"),
+    (["bench", "serve", "--workdir=no/such/dir", "--request-rate=0"], "--request-rate"),
+])
+def test_serve_and_bench_bad_input_is_one_line_and_exit_2(args, culprit, capsys):
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err.strip()
+  assert culprit in err and len(err.splitlines()) == 1, err
+
+
+def test_engine_cancel_frees_an_active_slot_and_drops_a_waiting_request(model):
+  from jaxtrain.serving import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  engine = engine_lib.Engine(model, slots=1, max_len=64, chunk=4)
+  active = engine.submit(engine_lib.Request(prompt=[1, 2, 3], max_tokens=60))
+  waiting = engine.submit(engine_lib.Request(prompt=[4, 5], max_tokens=60))
+  engine.step()  # `active` is prefilled into the only slot, `waiting` waits
+  engine.cancel(active)
+  engine.cancel(waiting)
+  after = engine.submit(engine_lib.Request(prompt=[6], max_tokens=3))
+  engine.run_until_idle()
+  assert active.finish_reason == waiting.finish_reason == "cancelled"
+  assert len(active.tokens) < 60 and waiting.tokens == []
+  assert after.finish_reason == "length" and len(after.tokens) == 3

@@ -11,6 +11,9 @@ takes it in the next iteration while the others keep decoding.
 Because tokens are read one chunk late, a chunk may run for a request that has just finished;
 its tokens are ignored (each chunk remembers which request sat in which slot when it was
 dispatched).
+
+`cancel` (a client that went away) marks a request; the engine finishes it ("cancelled") at its
+next look, so it frees its slot, or never takes one if it was still waiting.
 """
 
 import collections
@@ -129,13 +132,15 @@ class Engine:
     for slot in range(self.slots):
       if self.active[slot] is not None:
         continue
-      with self._lock:
-        if not self.waiting:
-          return
-        request = self.waiting.popleft()
-      if request.cancelled:
-        self._emit(request, [])
-        continue
+      request = None
+      while request is None:
+        with self._lock:
+          if not self.waiting:
+            return
+          request = self.waiting.popleft()
+        if request.cancelled:  # its client left while it waited: finish it, take the next
+          self._emit(request, [])
+          request = None
       n = len(request.prompt)
       T = min(gen.bucket(n), self.max_len)
       tokens = np.zeros((1, T), np.int32)

@@ -218,7 +218,10 @@ class CompletionServer:
                          "prompt")
       if len(prompt) > 8 * self.limits.max_body_bytes:
         raise BadRequest("'prompt' is too long", "prompt")
-      ids = self.tokenizer.encode(prompt)
+      try:
+        ids = list(self.tokenizer.encode(prompt))
+      except Exception:  # pylint: disable=broad-except  (e.g. a lone surrogate in the JSON)
+        raise BadRequest("'prompt' could not be tokenized", "prompt") from None
       bos = self.tokenizer.bos_id
       if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids
@@ -428,7 +431,8 @@ def bound_socket(host="127.0.0.1", port=0):
     sock.bind((host, port))
   except (OSError, OverflowError) as e:
     sock.close()
-    raise UserError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    why = getattr(e, "strerror", None) or e
+    raise UserError(f"cannot listen on {host}:{port}: {why}") from None
   sock.listen(2048)  # connections queue from here on, before uvicorn takes the socket
   return sock
 
