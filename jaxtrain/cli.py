@@ -437,6 +437,9 @@ def cmd_bench(argv):
     --kv-bytes-per-token=N     KV-cache bytes per token, likewise
     --device-bandwidth-gbs=G   the device's bandwidth when jaxtrain/hardware.py has none (CPU)
     --vocab-size=N             random ids below N (default the server's, else 1000)
+    --prompt-type=ids|text     token-id prompts (default) or random text, for servers that take
+                               text only (needs --tokenizer, or --workdir's own)
+    --tokenizer=DIR            a workdir or HF directory whose tokenizer makes the text prompts
     --timeout=S                per-request timeout in seconds (default 600)
     --slots=N, --max-len=N, --chunk=N, --step=N   with --workdir: as for jaxtrain serve
 
@@ -451,8 +454,8 @@ def cmd_bench(argv):
   args = Args(argv, flags=("url", "workdir", "model", "num_prompts", "random_input_len",
                            "random_output_len", "request_rate", "max_concurrency", "seed",
                            "result_file", "model_bytes", "kv_bytes_per_token",
-                           "device_bandwidth_gbs", "vocab_size", "timeout", "slots", "max_len",
-                           "chunk", "step"))
+                           "device_bandwidth_gbs", "vocab_size", "timeout", "prompt_type",
+                           "tokenizer", "slots", "max_len", "chunk", "step"))
   usage = "usage: jaxtrain bench serve --url=URL | --workdir=DIR [flags]"
   if args.positional != ["serve"]:
     if not args.positional:
@@ -473,7 +476,8 @@ def cmd_bench(argv):
       model_bytes=_number(args, "model_bytes", int, None),
       kv_bytes_per_token=_number(args, "kv_bytes_per_token", int, None),
       device_bandwidth_gbs=_number(args, "device_bandwidth_gbs", float, None),
-      timeout=_number(args, "timeout", float, 600.0))
+      timeout=_number(args, "timeout", float, 600.0),
+      prompt_type=args.flags.get("prompt_type", "ids"), tokenizer=args.flags.get("tokenizer"))
   from jaxtrain.serving import bench  # pylint: disable=import-outside-toplevel
   if url:
     for name in ("slots", "max_len", "chunk", "step"):

@@ -30,6 +30,7 @@ class CharTokenizer:
   """One character per token (text and ids map one to one); id 0 (a space) is EOS."""
   eos_id = 0
   bos_id = None
+  vocab_size = len(CHARS)
 
   def encode(self, text):
     return [CHARS.index(c) if c in CHARS else 1 for c in text]
@@ -278,6 +279,10 @@ def test_bench_serve_against_the_server_reports_every_metric(server, tmp_path, c
   poisson = bench_lib.run_bench(url=server.url, num_prompts=3, input_len=4, output_len=3,
                                 request_rate=50.0, seed=1, log=None)
   assert poisson["completed"] == 3 and poisson["request_rate"] == 50.0
+  # Text prompts, for servers that take text only; prompt tokens counted from the usage.
+  text = bench_lib.run_bench(url=server.url, num_prompts=2, input_len=5, output_len=3,
+                             prompt_type="text", tokenizer=CharTokenizer(), log=None)
+  assert text["completed"] == 2 and text["total_input_tokens"] == 10
   for line in ("Request throughput (req/s)", "Mean TTFT (ms)", "P99 TPOT (ms)",
                "Median ITL (ms)", "Mean E2EL (ms)", "Decode bandwidth"):
     assert line in table, table

@@ -46,6 +46,39 @@ def random_prompts(n, input_len, vocab_size, seed):
   return [rng.integers(low, vocab_size, size=input_len).tolist() for _ in range(n)]
 
 
+def random_text_prompts(n, input_len, tokenizer, seed):
+  """n random texts of about input_len tokens (for servers that take text only): random ids
+  decoded, re-encoded and trimmed a few times until the count settles. The exact counts come
+  back in each answer's usage."""
+  rng = np.random.default_rng(seed)
+  vocab = tokenizer.vocab_size
+  texts = []
+  for _ in range(n):
+    ids = rng.integers(3 if vocab > 3 else 0, vocab, size=input_len).tolist()
+    text = tokenizer.decode(ids)
+    for _ in range(4):
+      ids = tokenizer.encode(text)
+      if len(ids) == input_len:
+        break
+      if len(ids) < input_len:
+        ids = ids + rng.integers(3, vocab, size=input_len - len(ids)).tolist()
+      text = tokenizer.decode(ids[:input_len])
+    texts.append(text)
+  return texts
+
+
+def load_tokenizer(path):
+  """The tokenizer of a jaxtrain workdir (its tokenizer/) or of an HF directory."""
+  import os  # pylint: disable=import-outside-toplevel
+  from jaxtrain import evaluate  # pylint: disable=import-outside-toplevel
+  for directory in (os.path.join(path, "tokenizer"), path):
+    tokenizer = evaluate._tokenizer_in(directory)  # pylint: disable=protected-access
+    if tokenizer is not None:
+      return tokenizer
+  raise UserError(f"--tokenizer={path}: no tokenizer.json or sentencepiece .model there (nor "
+                  "in its tokenizer/)")
+
+
 def arrival_delays(n, request_rate, seed):
   """Seconds between successive sends: 0 for inf, else exponential gaps (Poisson arrivals)."""
   if math.isinf(request_rate):
@@ -56,8 +89,8 @@ def arrival_delays(n, request_rate, seed):
 
 async def _one(client, url, body, timeout):
   """Send one streaming request; a dict with its timings, output tokens and any error."""
-  out = {"ttft": None, "itl": [], "e2el": None, "output_tokens": None, "chunks": 0,
-         "token_ids": 0, "error": None}
+  out = {"ttft": None, "itl": [], "e2el": None, "output_tokens": None, "prompt_tokens": None,
+         "chunks": 0, "token_ids": 0, "error": None}
   start = time.perf_counter()
   last = start
   try:
@@ -87,6 +120,7 @@ async def _one(client, url, body, timeout):
           out["token_ids"] += len(data["choices"][0].get("token_ids") or [])
         if data.get("usage"):
           out["output_tokens"] = data["usage"].get("completion_tokens")
+          out["prompt_tokens"] = data["usage"].get("prompt_tokens")
   except (httpx.HTTPError, json.JSONDecodeError) as e:
     out["error"] = f"{type(e).__name__}: {e}"
     return out
@@ -139,11 +173,13 @@ def _stats(values_s):
 
 
 def metrics(outputs, input_len, duration):
-  """vLLM's metrics from per-request outputs (see the module docstring)."""
+  """vLLM's metrics from per-request outputs (see the module docstring). Prompt tokens are the
+  usage's where the server gave them, else input_len."""
   done = [o for o in outputs if o["error"] is None]
   n_out = [o["output_tokens"] for o in done]
+  n_in = [o["prompt_tokens"] or input_len for o in done]
   result = {"completed": len(done), "failed": len(outputs) - len(done), "duration": duration,
-            "total_input_tokens": input_len * len(done), "total_output_tokens": int(sum(n_out))}
+            "total_input_tokens": int(sum(n_in)), "total_output_tokens": int(sum(n_out))}
   result["request_throughput"] = len(done) / duration
   result["output_throughput"] = result["total_output_tokens"] / duration
   result["total_token_throughput"] = (result["total_input_tokens"]
@@ -259,18 +295,34 @@ def check_args(num_prompts, input_len, output_len, request_rate, max_concurrency
 def run_bench(*, url, model=None, num_prompts=100, input_len=128, output_len=128,
               request_rate=float("inf"), max_concurrency=None, seed=0, result_file=None,
               vocab_size=None, model_bytes=None, kv_bytes_per_token=None,
-              device_bandwidth_gbs=None, timeout=600.0, log=print):
-  """Benchmark the server at `url`; prints the table, writes `result_file`, returns the dict."""
+              device_bandwidth_gbs=None, timeout=600.0, prompt_type="ids", tokenizer=None,
+              log=print):
+  """Benchmark the server at `url`; prints the table, writes `result_file`, returns the dict.
+
+  prompt_type "ids" sends token-id prompts (OpenAI's API and vLLM take them); "text" sends
+  random text made with `tokenizer` (an object or a directory), for servers that take text
+  only."""
   check_args(num_prompts, input_len, output_len, request_rate, max_concurrency)
+  if prompt_type not in ("ids", "text"):
+    raise UserError(f"--prompt-type={prompt_type!r}: choose ids or text")
+  if prompt_type == "text":
+    if tokenizer is None:
+      raise UserError("--prompt-type=text needs --tokenizer=DIR (a workdir or an HF directory)")
+    if isinstance(tokenizer, str):
+      tokenizer = load_tokenizer(tokenizer)
   model, info = server_model(url, model)
-  vocab = vocab_size or (info or {}).get("vocab_size") or 1000
-  prompts = random_prompts(num_prompts, input_len, vocab, seed)
+  if prompt_type == "text":
+    prompts = random_text_prompts(num_prompts, input_len, tokenizer, seed)
+  else:
+    vocab = vocab_size or (info or {}).get("vocab_size") or 1000
+    prompts = random_prompts(num_prompts, input_len, vocab, seed)
   delays = arrival_delays(num_prompts, request_rate, seed)
   outputs, duration = asyncio.run(_run(url, model, prompts, output_len, delays, max_concurrency,
                                        timeout))
   result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "url": url, "model": model,
             "num_prompts": num_prompts, "random_input_len": input_len,
-            "random_output_len": output_len, "request_rate": request_rate,
+            "random_output_len": output_len, "prompt_type": prompt_type,
+            "request_rate": request_rate,
             "max_concurrency": max_concurrency, "seed": seed, "server": info}
   result.update(metrics(outputs, input_len, duration))
   result["decode_bandwidth"] = bandwidth(
@@ -297,14 +349,19 @@ def bench_workdir(workdir, *, slots=8, max_len=None, chunk=8, step=None, log=pri
   output_len = kwargs.get("output_len", 128)
   check_args(kwargs.get("num_prompts", 100), input_len, output_len,
              kwargs.get("request_rate", float("inf")), kwargs.get("max_concurrency"))
+  text = kwargs.get("prompt_type") == "text"
   model, tokenizer = jaxtrain.load_model(workdir, step=step)
-  max_len = max_len or min(model.config.max_seq_len,
-                           _pow2(input_len + output_len))
-  if input_len + output_len > max_len:
+  if text and kwargs.get("tokenizer") is None:
+    if tokenizer is None:
+      raise UserError(f"--prompt-type=text: {workdir} has no tokenizer (pass --tokenizer=DIR)")
+    kwargs["tokenizer"] = tokenizer
+  slack = 8 if text else 0  # a text prompt may re-encode to a few more tokens (and a BOS)
+  max_len = max_len or min(model.config.max_seq_len, _pow2(input_len + output_len + slack))
+  if input_len + output_len + slack > max_len:
     raise UserError(f"--random-input-len + --random-output-len = {input_len + output_len} "
-                    f"exceeds --max-len={max_len}")
+                    f"exceeds --max-len={max_len}" + (" (less 8 for text prompts)" if text else ""))
   engine = server_lib.make_engine(model, tokenizer, slots=slots, max_len=max_len, chunk=chunk,
-                                  max_prompt_tokens=max(input_len, max_len // 2), log=log)
+                                  max_prompt_tokens=max(input_len + slack, max_len // 2), log=log)
   try:
     app = server_lib.CompletionServer(engine, tokenizer, model_name="jaxtrain",
                                       limits=server_lib.Limits(max_tokens=max_len))
