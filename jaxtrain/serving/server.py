@@ -482,7 +482,10 @@ def serve(workdir, *, host="127.0.0.1", port=8000, slots=8, max_len=None, chunk=
           f"slots, context {engine.max_len}, prompts up to {server.max_prompt_tokens} tokens); "
           "Ctrl-C stops")
       config = uvicorn.Config(server.app, log_level="info", timeout_keep_alive=30)
-      uvicorn.Server(config).run(sockets=[sock])
+      try:
+        uvicorn.Server(config).run(sockets=[sock])
+      except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the Ctrl-C
+        log("stopped")
     finally:
       engine.stop()
   finally:
