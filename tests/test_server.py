@@ -169,7 +169,8 @@ BAD_FIELDS = [  # (field, bad values); each is tried in place of GOOD's or added
 RAW_BODIES = [b"", b"{", b"[1, 2]", b'"prompt"', b"null", b"3", b'{"prompt": NaN}',
               b'{"prompt": [1], "temperature": Infinity}', b"\xff\xfe\x00",
               b"[" * 5000 + b"]" * 5000, b'{"prompt": [1], "max_tokens": 1e999}',
-              b'{"max_tokens": 2}']
+              b'{"max_tokens": 2}', b'{"prompt": ' + b"[" * 800 + b"]" * 800 + b"}",
+              b'{"prompt": [1], "top_p": ' + b"[" * 800 + b"]" * 800 + b"}"]
 
 
 def malformed_table(n_random=300, seed=0):

@@ -73,6 +73,14 @@ def _reject_constant(name):
   raise ValueError(f"{name} is not valid JSON")
 
 
+def _show(v, n=60):
+  """A value for an error message, cut short (and safe for deeply nested ones)."""
+  try:
+    return json.dumps(v)[:n]
+  except (ValueError, RecursionError):
+    return type(v).__name__
+
+
 def _is_int(v):
   return isinstance(v, int) and not isinstance(v, bool)
 
@@ -127,7 +135,7 @@ class CompletionServer:
       if v is None:
         return default
       if not check(v):
-        raise BadRequest(f"'{name}' must be {what}, got {json.dumps(v)[:60]}", name)
+        raise BadRequest(f"'{name}' must be {what}, got {_show(v)}", name)
       return v
 
     model = get("model", lambda v: isinstance(v, str), "a string")
@@ -187,7 +195,7 @@ class CompletionServer:
                           ("suffix", None), ("presence_penalty", 0), ("frequency_penalty", 0)):
       v = req.get(name)
       if v is not None and not (v == default and isinstance(v, bool) == isinstance(default, bool)):
-        raise BadRequest(f"'{name}' = {json.dumps(v)[:40]} is not supported by this server "
+        raise BadRequest(f"'{name}' = {_show(v, 40)} is not supported by this server "
                          f"(only {json.dumps(default)})", name)
     if req.get("logit_bias") not in (None, {}):
       raise BadRequest("'logit_bias' is not supported by this server", "logit_bias")
