@@ -166,3 +166,101 @@ def test_qk_clip_in_training_logs_the_max_logit_and_keeps_it_near_tau(corpus, tm
   # After the first clip the logit measured in the next steps (new batches, one update later)
   # stays near tau, far below the unclipped start.
   assert max(logits[1:]) < min(logits[0], 0.5 * 1.5), logits
+
+
+# ---------------------------------------------------------------------------------------------
+# The study runner
+
+
+def _fake_train(best_lr, calls, steps_done=None):
+  """A stand-in for trainer.train: final loss is a parabola in log(lr), minimal at best_lr."""
+
+  def train(cfg, workdir):
+    calls.append(workdir)
+    os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(cfg))
+    final = 3.0 + (np.log(cfg.optimizer.lr / best_lr)) ** 2 + 0.01 * cfg.train.seed
+    steps = cfg.train.steps
+    upto = steps if steps_done is None else steps_done
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      every = cfg.train.eval_every
+      for s in sorted(set(range(every, upto + 1, every)) | ({steps} if upto == steps else set())):
+        loss = final + 2.0 * (1 - s / steps)
+        f.write(json.dumps({"step": s, "loss": loss, "elapsed_sec": 0.1 * s}) + "\n")
+        f.write(json.dumps({"step": s, "split": "validation", "eval_loss": loss}) + "\n")
+  return train
+
+
+def test_study_extends_an_edge_lr_until_bracketed_and_skips_finished_runs(corpus, tmp_path):
+  cfg = tiny_config(*corpus, steps=20)
+  calls = []
+  report = study.run_study(cfg, ["adamw", "muon"], 2, str(tmp_path),
+                           lrs={"adamw": [1e-3, 2e-3, 4e-3], "muon": [1e-2, 2e-2, 4e-2]},
+                           train_fn=_fake_train(1.6e-2, calls), log=lambda *_: None)
+  adamw, muon = report["optimizers"]["adamw"], report["optimizers"]["muon"]
+  # adamw's optimum (1.6e-2) is above its grid: 8e-3, 1.6e-2 and 3.2e-2 were added, the last
+  # bracketing it; muon's grid already brackets it.
+  assert [r["lr"] for r in adamw["lr_grid"]] == pytest.approx(
+      [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2])
+  assert adamw["best_lr"] == pytest.approx(1.6e-2) and adamw["bracketed"]
+  assert muon["best_lr"] == pytest.approx(2e-2) and muon["bracketed"]
+  assert len(calls) == 2 * (6 + 3)
+  assert adamw["final_loss_mean"] == pytest.approx(3.005)
+  assert adamw["final_loss_std"] == pytest.approx(0.005)
+  assert report["target"] == {"optimizer": "adamw", "loss": pytest.approx(3.005)}
+  assert muon["to_target"] is None or muon["to_target"]["steps"] <= 20
+  assert report["runs"] == {"skipped": 0, "resumed": 0, "new": 18, "failed": 0}
+  for name in ("study.json", "study.md", "study.png"):
+    assert os.path.getsize(tmp_path / name) > 0
+  assert "| adamw | 0.016 |" in (tmp_path / "study.md").read_text()
+  # The same command again trains nothing: every run is finished.
+  calls.clear()
+  again = study.run_study(cfg, ["adamw", "muon"], 2, str(tmp_path),
+                          lrs={"adamw": [1e-3, 2e-3, 4e-3], "muon": [1e-2, 2e-2, 4e-2]},
+                          train_fn=_fake_train(1.6e-2, calls), log=lambda *_: None)
+  assert calls == [] and again["runs"]["skipped"] == 18
+  assert again["optimizers"]["adamw"]["lr_grid"] == adamw["lr_grid"]
+
+
+def test_study_rejects_bad_input_before_training(corpus, tmp_path):
+  cfg = tiny_config(*corpus)
+  never = lambda *a: pytest.fail("trained")
+  cfg.optimizer.schedule = "constant"
+  with pytest.raises(UserError, match="decays to the end"):
+    study.run_study(cfg, ["adamw"], 1, str(tmp_path), train_fn=never)
+  with pytest.raises(UserError, match="unknown optimizer 'adan'"):
+    study.parse_optimizers("adamw,adan")
+  with pytest.raises(UserError, match="--lrs"):
+    study.parse_lrs("muon:1e-3/adamw:x", ["adamw", "muon"])
+  assert study.parse_lrs("adamw:1e-3,2e-3/muon:0.02", ["adamw", "muon"]) == {
+      "adamw": [1e-3, 2e-3], "muon": [0.02]}
+  from jaxtrain import cli  # pylint: disable=import-outside-toplevel
+  assert cli.main(["study", "--optimizers=adamw,sgd", f"--workdir={tmp_path}"]) == 2
+  assert cli.main(["study", "--optimizers=adamw"]) == 2
+
+
+def test_study_resumes_an_unfinished_run_end_to_end(corpus, tmp_path):
+  """One real tiny run interrupted after 3 of 6 steps; the study resumes it from its checkpoint
+  (not from scratch), finishes it, and reports from the real metrics."""
+  cfg = tiny_config(*corpus, steps=6)
+  cfg.checkpoint.every = 3
+  run_cfg = study.run_config(cfg, "muon_gram", 1e-2, 0, None)
+  wd = tmp_path / "muon_gram" / study.lr_tag(1e-2) / "seed0"
+  trainer.train(run_cfg, str(wd), mesh=_one_device(), stop_after=3, log=lambda *_: None)
+  assert study.run_status(str(wd), 6) == "partial"
+  logs = []
+
+  def train(cfg, workdir):
+    return trainer.train(cfg, workdir, mesh=_one_device(), log=logs.append)
+
+  report = study.run_study(cfg, ["muon_gram"], 1, str(tmp_path), lrs={"muon_gram": [1e-2]},
+                           max_extend=0, train_fn=train, log=logs.append)
+  assert any("resumed from" in str(line) for line in logs), logs
+  assert report["runs"] == {"skipped": 0, "resumed": 1, "new": 0, "failed": 0}
+  assert study.run_status(str(wd), 6) == "done"
+  o = report["optimizers"]["muon_gram"]
+  assert np.isfinite(o["final_loss_mean"]) and o["curve_steps"][-1] == 6
+  # Muon's FLOPs include Newton-Schulz: Gram NS on the wide (32 x 96) MLP kernels.
+  assert o["optimizer_flops_per_step"] > 0
+  assert o["to_target"]["steps"] == pytest.approx(6)
