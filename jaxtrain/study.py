@@ -17,7 +17,9 @@ The report (study.json, study.md, study.png in WORKDIR), per optimizer at its be
 validation loss (mean, std, min, max over seeds), steps, tokens and FLOPs of the run (model FLOPs
 per DESIGN.md plus the optimizer's own Newton-Schulz matmul FLOPs from the parameter shapes), and
 the steps, tokens, FLOPs and wall seconds at which its seed-mean validation curve first reaches
-the tuned AdamW's final loss (linear interpolation between evaluations).
+the tuned AdamW's final loss (linear interpolation between evaluations). Wall seconds are
+training seconds: each log interval's steps at its measured tokens/s, without compilation,
+evaluation and checkpoints; on a shared machine they are noisy, steps and FLOPs are not.
 """
 
 import json
@@ -245,6 +247,9 @@ def run_study(cfg, optimizers, seeds, workdir, *, lrs=None, steps=None, max_exte
             f"adding {lr:.4g}")
         grid = sorted(grid + [lr])
     grids[name] = grid
+    done = names[:names.index(name) + 1]
+    if name != names[-1]:  # a report after every optimizer, so a stopped study still has one
+      write_report(make_report(cfg, done, grids, seeds, workdir, steps), workdir)
   log(f"study: runs {counts['new']} new, {counts['resumed']} resumed, {counts['skipped']} "
       f"finished before, {counts['failed']} failed")
   report = make_report(cfg, names, grids, seeds, workdir, steps)
@@ -279,17 +284,24 @@ def optimizer_flops_per_step(cfg):
   return total
 
 
-def _curve(workdir):
-  """(eval steps, eval losses, {step: elapsed seconds}) of one run; resumes stitched together."""
-  evals, wall, offset, last = {}, {}, 0.0, None
+def _curve(workdir, tokens_per_step):
+  """(eval steps, eval losses, {step: training seconds}) of one run.
+
+  Training seconds add up each log interval's steps at its measured tokens/s, so compilation,
+  evaluation and checkpointing are left out, and a resumed run's intervals simply continue."""
+  evals, train = {}, {}
   for r in _records(workdir):
     if r.get("split") == "validation" and "source" not in r:
       evals[r["step"]] = r["eval_loss"]
-    elif "elapsed_sec" in r and "split" not in r:
-      if last is not None and r["elapsed_sec"] < last[1]:  # a resumed call restarts the clock
-        offset += last[1]
-      last = (r["step"], r["elapsed_sec"])
-      wall[r["step"]] = offset + r["elapsed_sec"]
+    elif "tokens_per_sec" in r and "split" not in r:
+      train[r["step"]] = r["tokens_per_sec"]  # a resumed run's repeated steps: the last wins
+  wall, total, prev = {}, 0.0, 0
+  for step in sorted(train):
+    rate = train[step]
+    if isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0:
+      total += (step - prev) * tokens_per_step / rate
+    prev = step
+    wall[step] = total
   steps = sorted(evals)
   return steps, [evals[s] for s in steps], wall
 
@@ -334,7 +346,8 @@ def make_report(cfg, names, grids, seeds, workdir, steps):
     best = min(grid_rows, key=lambda r: r["mean"])
     rcfg = run_config(cfg, name, best["lr"], seeds[0], steps)
     opt_flops = optimizer_flops_per_step(rcfg)
-    curves = [_curve(os.path.join(workdir, name, lr_tag(best["lr"]), f"seed{s}")) for s in seeds]
+    curves = [_curve(os.path.join(workdir, name, lr_tag(best["lr"]), f"seed{s}"),
+                     tokens_per_step) for s in seeds]
     common = sorted(set.intersection(*[set(c[0]) for c in curves])) if curves else []
     per_seed = np.array([[dict(zip(c[0], c[1]))[s] for s in common] for c in curves]) if common \
         else np.zeros((len(seeds), 0))
@@ -384,7 +397,7 @@ def format_markdown(report):
       f"{report['tokens_per_step']:,} tokens; lr decayed to 0.",
       "",
       "| optimizer | best lr | final val loss (mean ± std, min-max) | bracketed | "
-      f"steps to {t['loss']:.3f} | tokens | FLOPs | wall s | speedup (steps / FLOPs) |",
+      f"steps to {t['loss']:.3f} | tokens | FLOPs | train s | speedup (steps / FLOPs) |",
       "|---|---|---|---|---|---|---|---|---|",
   ]
   for name, o in report["optimizers"].items():

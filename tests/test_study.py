@@ -187,7 +187,7 @@ def _fake_train(best_lr, calls, steps_done=None):
       every = cfg.train.eval_every
       for s in sorted(set(range(every, upto + 1, every)) | ({steps} if upto == steps else set())):
         loss = final + 2.0 * (1 - s / steps)
-        f.write(json.dumps({"step": s, "loss": loss, "elapsed_sec": 0.1 * s}) + "\n")
+        f.write(json.dumps({"step": s, "loss": loss, "tokens_per_sec": 1000.0}) + "\n")
         f.write(json.dumps({"step": s, "split": "validation", "eval_loss": loss}) + "\n")
   return train
 
@@ -210,6 +210,8 @@ def test_study_extends_an_edge_lr_until_bracketed_and_skips_finished_runs(corpus
   assert adamw["final_loss_std"] == pytest.approx(0.005)
   assert report["target"] == {"optimizer": "adamw", "loss": pytest.approx(3.005)}
   assert muon["to_target"] is None or muon["to_target"]["steps"] <= 20
+  # Training seconds at the fake 1000 tokens/s: 20 steps of 8 x 16 tokens.
+  assert adamw["to_target"]["wall_sec"] == pytest.approx(20 * 128 / 1000)
   assert report["runs"] == {"skipped": 0, "resumed": 0, "new": 18, "failed": 0}
   for name in ("study.json", "study.md", "study.png"):
     assert os.path.getsize(tmp_path / name) > 0
