@@ -151,7 +151,8 @@ def _check_same_run(workdir, cfg):
     return
   with open(path) as f:
     saved = json.load(f)
-  want = json.loads(config_lib.to_json(cfg))
+  import jax  # pylint: disable=import-outside-toplevel
+  want = json.loads(config_lib.to_json(config_lib.resolve(cfg, jax.device_count())))
   for keys in _COMPARED:
     a, b = saved, want
     for k in keys:

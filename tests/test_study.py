@@ -223,6 +223,11 @@ def test_study_extends_an_edge_lr_until_bracketed_and_skips_finished_runs(corpus
                           train_fn=_fake_train(1.6e-2, calls), log=lambda *_: None)
   assert calls == [] and again["runs"]["skipped"] == 18
   assert again["optimizers"]["adamw"]["lr_grid"] == adamw["lr_grid"]
+  # Other settings on the same directory are refused, not resumed into the old runs.
+  with pytest.raises(UserError, match="different train.steps"):
+    study.run_study(cfg, ["adamw"], 1, str(tmp_path), steps=30, lrs={"adamw": [1e-3]},
+                    train_fn=_fake_train(1.6e-2, calls), log=lambda *_: None)
+  assert calls == []
 
 
 def test_study_rejects_bad_input_before_training(corpus, tmp_path):
