@@ -425,6 +425,7 @@ def plot(report, path):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.ticker  # pylint: disable=import-outside-toplevel
   fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
   for name, o in report["optimizers"].items():
     if not o["curve_steps"]:
@@ -450,6 +451,7 @@ def plot(report, path):
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   ax_lr.set_xscale("log")
+  ax_lr.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping labels
   ax_lr.set_xlabel("peak lr")
   ax_lr.set_ylabel("final validation loss (mean over seeds)")
   ax_lr.set_title("lr grids")
