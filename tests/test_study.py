@@ -58,6 +58,20 @@ def test_gram_newton_schulz_matches_standard_newton_schulz(preset):
       np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.max(jnp.abs(want))))
 
 
+def test_gram_newton_schulz_split_over_eight_devices_matches_one_device():
+  """11 matrices on 8 devices: 8 split whole, 3 split by columns (X X^T all-reduced)."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  muon_lib = importlib.import_module("jaxtrain.optim.muon")  # optim.muon is the function
+  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1}, jax.devices()[:8])
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(11, 32, 96)), jnp.float32)
+  coeffs, prescale = optim.ns_coefficients("standard", 5)
+  want = muon_lib._orthogonalize_wide(x, coeffs, prescale, 1e-7, jnp.float32)
+  with jax.set_mesh(mesh):
+    got = jax.jit(lambda x: muon_lib._split_newton_schulz(
+        x, coeffs, prescale, 1e-7, jnp.float32, mesh, ("data",), method="gram"))(x)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_gram_newton_schulz_has_fewer_flops_by_xla_count_and_square_matrices_keep_standard():
   x = jnp.ones((2, 32, 128), jnp.float32)
   flops = {}
