@@ -225,3 +225,21 @@ def attention(q_BTNH, k_BSKH, v_BSKH, *, impl="auto", q_positions_BT=None, kv_po
     kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
   mask_BTS = causal_mask(q_positions_BT, kv_positions_BS, kv_valid_BS)
   return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+
+
+def max_logits(q_BTNH, k_BTKH):
+  """Largest causal attention logit q.k / sqrt(H) of each query head over the batch, fp32 [N].
+
+  What QK-clip (`optim.qk_clip`) watches. Computed on its own from q and k under stop_gradient,
+  so it adds one forward score product per layer (B*N*T*T*H multiply-adds, no backward) to
+  whichever attention implementation runs; only steps with QK-clip enabled ask for it.
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BTKH.shape[2]
+  q_BTKGH = jax.lax.stop_gradient(q_BTNH).reshape(B, T, K, N // K, H)
+  k_BTKH = jax.lax.stop_gradient(k_BTKH)
+  s_BKGTS = ops.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BTKH,
+                       preferred_element_type=jnp.float32) * (H ** -0.5)
+  causal_TS = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
+  s_BKGTS = jnp.where(causal_TS, s_BKGTS, -jnp.inf)
+  return jnp.max(s_BKGTS, axis=(0, 3, 4)).reshape(N)

@@ -180,8 +180,8 @@ def cmd_info(argv):
     print(info.describe(cfg, routing=args.flags.get("routing", "false") != "false"))
     return
   from jaxtrain import planner as plan_lib  # pylint: disable=import-outside-toplevel
-  devices = _int_flag(args, "devices") if "devices" in args.flags else None
-  mfu = _float_flag(args, "mfu") if "mfu" in args.flags else 0.4
+  devices = _number(args, "devices", int, None)
+  mfu = _number(args, "mfu", float, 0.4)
   result = plan_lib.plan(cfg, devices=devices, mfu=mfu)
   if args.flags.get("json", "false") != "false":
     print(json.dumps(result, indent=2))
@@ -189,18 +189,15 @@ def cmd_info(argv):
     print(plan_lib.format_plan(result))
 
 
-def _int_flag(args, name):
+def _number(args, name, kind, default):
+  """A numeric flag (its default when absent), or a one-line UserError naming it."""
+  if name not in args.flags:
+    return default
   try:
-    return int(args.flags[name])
+    return kind(args.flags[name])
   except ValueError:
-    raise UserError(f"--{name}={args.flags[name]!r} is not an integer") from None
-
-
-def _float_flag(args, name):
-  try:
-    return float(args.flags[name])
-  except ValueError:
-    raise UserError(f"--{name}={args.flags[name]!r} is not a number") from None
+    raise UserError(f"--{name.replace('_', '-')}={args.flags[name]!r} is not "
+                    f"{'an integer' if kind is int else 'a number'}") from None
 
 
 def cmd_data(argv):
@@ -345,17 +342,6 @@ def cmd_generate(argv):
       print("-" * 40)
 
 
-def _number(args, name, kind, default):
-  """A numeric flag (its default when absent), or a one-line UserError naming it."""
-  if name not in args.flags:
-    return default
-  try:
-    return kind(args.flags[name])
-  except ValueError:
-    raise UserError(f"--{name.replace('_', '-')}={args.flags[name]!r} is not "
-                    f"{'an integer' if kind is int else 'a number'}") from None
-
-
 def cmd_serve(argv):
   """Serve a checkpoint over HTTP with OpenAI's completions API (continuous batching).
 
@@ -489,11 +475,72 @@ def cmd_bench(argv):
                         max_len=_number(args, "max_len", int, None),
                         chunk=_number(args, "chunk", int, 8), step=_number(args, "step", int, None),
                         **kwargs)
+def cmd_study(argv):
+  """Compare optimizers fairly: an lr grid bracketed on both sides, several seeds, full decay.
+
+  usage: jaxtrain study [--config=FILE[:ARG]] [--config.KEY=VALUE ...] --optimizers=A,B,...
+                        [--seeds=N] [--lrs=LR,LR,...] [--steps=N] [--max-extend=N] --workdir=DIR
+
+  Every (optimizer, lr, seed) is an ordinary training run in DIR/OPTIMIZER/lrLR/seedS: finished
+  runs are skipped and unfinished ones resume, so the same command continues a study. Each
+  optimizer's lr grid extends itself while the best lr is at an edge. The lr decays to 0 at the
+  last step (the config's cosine or wsd schedule). The report, per optimizer at its best lr
+  (final validation loss, mean and spread over seeds; steps, tokens, FLOPs and wall time to reach
+  the tuned AdamW's final loss), goes to DIR/study.md, DIR/study.json and DIR/study.png.
+  Details and a measured study: docs/optimizers.md.
+
+  flags:
+    --config=FILE[:ARG]  the model, data and training config (default configs/default.py)
+    --config.KEY=VALUE   override any config key (every key: docs/configuration.md)
+    --optimizers=LIST    comma-separated, from: adamw, muon, muon_gram (Gram Newton-Schulz),
+                         normuon, muonh (Muon Hyperball), adamh (Adam Hyperball), muonclip
+                         (Muon + QK-clip at tau 100)
+    --seeds=N            seeds 0..N-1 per lr (default 2)
+    --lrs=LIST           initial lr grid, for every optimizer (1e-3,2e-3,4e-3) or per optimizer
+                         (adamw:1e-3,2e-3/muon:0.01,0.02); default: the reference lr times
+                         1/2, 1, 2 (optimizer.lr; 0.02, an angle, for the Hyperball variants)
+    --steps=N            train.steps of every run (default the config's)
+    --max-extend=N       at most N lrs added beyond each edge of a grid (default 3)
+    --workdir=DIR        the study's directory (required)
+
+  examples:
+    jaxtrain study --config=configs/study.py --optimizers=adamw,muon --seeds=3 --workdir=runs/study
+    jaxtrain study --config=configs/llama.py:35m --optimizers=adamw,muon,muonh --seeds=2 \
+        --lrs=adamw:1e-3,2e-3,4e-3/muon:2e-3,4e-3,8e-3/muonh:0.01,0.02,0.04 --workdir=runs/s35
+
+  exit codes: 0 study complete and report written; 2 bad flags or config (one line on stderr,
+  before anything compiles); 1 preempted (re-run the same command to continue) or other failure
+  """
+  from jaxtrain import study  # pylint: disable=import-outside-toplevel
+  args = Args(argv, flags=("optimizers", "seeds", "lrs", "steps", "max_extend", "workdir"))
+  if args.positional:
+    raise UserError(f"jaxtrain study takes no positional arguments, got {args.positional[0]!r}")
+  workdir = args.flags.get("workdir")
+  if not workdir or workdir == "true":
+    raise UserError("jaxtrain study needs --workdir=DIR (where the runs and the report go)")
+  if "optimizers" not in args.flags:
+    raise UserError("jaxtrain study needs --optimizers=NAME,NAME (e.g. adamw,muon)")
+  names = study.parse_optimizers(args.flags["optimizers"])
+  seeds = _number(args, "seeds", int, 2)
+  if seeds < 1:
+    raise UserError(f"--seeds={seeds} must be >= 1")
+  steps = _number(args, "steps", int, None)
+  if steps is not None and steps < 1:
+    raise UserError(f"--steps={steps} must be >= 1")
+  max_extend = _number(args, "max_extend", int, 3)
+  if max_extend < 0:
+    raise UserError(f"--max-extend={max_extend} must be >= 0")
+  lrs = study.parse_lrs(args.flags["lrs"], names) if "lrs" in args.flags else None
+  cfg = args.load_config()
+  report = study.run_study(cfg, names, seeds, workdir, lrs=lrs, steps=steps,
+                           max_extend=max_extend)
+  print(study.format_markdown(report))
+  print(f"report: {os.path.join(workdir, 'study.md')}, study.json, study.png")
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "data": cmd_data,
             "convert": cmd_convert, "compare": cmd_compare, "generate": cmd_generate,
-            "serve": cmd_serve, "bench": cmd_bench}
+            "serve": cmd_serve, "bench": cmd_bench, "study": cmd_study}
 
 
 def verb_help(verb):

@@ -275,9 +275,10 @@ class Attention(nnx.Module):
     q_BTNH = rotate(project(self.wq, "q_proj", heads), *rope)
     k_BTKH = rotate(project(self.wk, "k_proj", kv_heads), *rope)
     v_BTKH = project(self.wv, "v_proj", kv_heads)
-    if kv_cache is None:
+    if kv_cache is None or kv_cache is MAX_LOGITS:
       out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, impl=impl)
-      new_cache = None
+      # QK-clip (optim/qk_clip.py) reads each head's largest logit; the cache slot carries it.
+      new_cache = None if kv_cache is None else attention_lib.max_logits(q_BTNH, k_BTKH)
     elif kv_cache is PREFILL:
       # Right-padded prompts from position 0: plain causal attention (the fast path: cuDNN on
       # GPU, blocked on CPU) is exact for every real token, which never sees the pads after it.
@@ -371,11 +372,12 @@ class Llama(nnx.Module):
       return self.embed.embedding[...].T
     return self.lm_head.kernel[...]
 
-  def hidden_states(self, tokens_BT, positions_BT=None, kv_caches=None):
+  def hidden_states(self, tokens_BT, positions_BT=None, kv_caches=None, with_max_logits=False):
     """Final-normed hidden states [B, T, D] in the compute dtype.
 
     With `kv_caches` (a stacked `KVCache`) this is one decoding step of T=1 token per row at
-    the rows' lengths, returning (hidden states [B, 1, D], new cache); see `decode`."""
+    the rows' lengths, returning (hidden states [B, 1, D], new cache); see `decode`.
+    `with_max_logits` returns (hidden states, each layer's per-head max attention logit [L, N])."""
     if kv_caches is not None:
       h_BD, new_cache = self.decode(tokens_BT[:, 0], kv_caches)
       return h_BD[:, None], new_cache
@@ -393,17 +395,20 @@ class Llama(nnx.Module):
       return layer.layer(x_BTD, positions_BT, rope, c.attention, kv_cache)
 
     body = _remat(body, c.remat)
+    marker = MAX_LOGITS if with_max_logits else None
     if c.scan_layers:
       def scan_body(x_BTD, layer_state):
-        x_BTD, _ = body(x_BTD, layer_state, None)
-        return x_BTD, None
-      x_BTD, _ = jax.lax.scan(scan_body, x_BTD, stacked)
+        return body(x_BTD, layer_state, marker)
+      x_BTD, max_logits_LN = jax.lax.scan(scan_body, x_BTD, stacked)
     else:
+      per_layer = []
       for i in range(c.n_layers):
         layer_state = jax.tree.map(lambda a, i=i: a[i], stacked)
-        x_BTD, _ = body(x_BTD, layer_state, None)
+        x_BTD, layer_max_N = body(x_BTD, layer_state, marker)
+        per_layer.append(layer_max_N)
+      max_logits_LN = jnp.stack(per_layer) if with_max_logits else None
     x_BTD = self.final_norm(x_BTD)
-    return x_BTD
+    return (x_BTD, max_logits_LN) if with_max_logits else x_BTD
 
   # -------------------------------------------------------------------------------------------
   # Decoding: prefill a right-padded prompt batch, then decode one token per row at a time
@@ -465,6 +470,8 @@ class Llama(nnx.Module):
 
 # Marker for `Attention`: prefill mode (fast causal attention, return this layer's keys/values).
 PREFILL = "prefill"
+# Marker for `Attention`: training attention that also returns its per-head max logit (QK-clip).
+MAX_LOGITS = "max_logits"
 
 
 def decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BSKH, v_BSKH, lengths_B):

@@ -144,14 +144,16 @@ def cross_entropy_sum(h_BTD, w_DV, targets_BT, mask_BT=None, chunk=0):
   return _linear_cross_entropy(h_BTD, w_DV, targets_BT, mask_BT, chunk)
 
 
-def loss_sum_and_count(params, graphdef, batch, loss_chunk=0):
+def loss_sum_and_count(params, graphdef, batch, loss_chunk=0, with_max_logits=False):
+  """(loss sum, token count), and the [L, N] max attention logits when asked (QK-clip)."""
   model = nnx.merge(graphdef, params)
-  h_BTD = model.hidden_states(batch["inputs"])
+  h_BTD = model.hidden_states(batch["inputs"], with_max_logits=with_max_logits)
+  h_BTD, max_logits_LN = h_BTD if with_max_logits else (h_BTD, None)
   mask_BT = batch.get("mask")
   loss_sum = cross_entropy_sum(h_BTD, model.head_kernel(), batch["targets"], mask_BT, loss_chunk)
   count = (jnp.sum(mask_BT.astype(jnp.float32)) if mask_BT is not None
            else jnp.float32(batch["targets"].size))
-  return loss_sum, count
+  return (loss_sum, count, max_logits_LN) if with_max_logits else (loss_sum, count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,13 +246,15 @@ def make_train_step(s: Setup):
   M = s.config.train.microbatches
   loss_chunk = s.config.train.loss_chunk
   opt_cfg = s.config.optimizer
+  tau = opt_cfg.qk_clip_tau  # > 0: QK-clip (optim/qk_clip.py) needs the max logits as aux
 
   def mean_loss(params, batch):
-    loss_sum, count = loss_sum_and_count(params, graphdef, batch, loss_chunk)
-    return loss_sum / count
+    out = loss_sum_and_count(params, graphdef, batch, loss_chunk, with_max_logits=tau > 0)
+    return out[0] / out[1], (out[2] if tau > 0 else None)
 
-  grad_fn = jax.value_and_grad(mean_loss)
+  grad_fn = jax.value_and_grad(mean_loss, has_aux=True)  # ((loss, max logits|None), grads)
   param_shardings = s.state_shardings.params
+  L, N = s.model_config.n_layers, s.model_config.n_heads
 
   def grads_of(params, batch):
     if M == 1:
@@ -265,21 +269,27 @@ def make_train_step(s: Setup):
     zeros = accumulate(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
 
     def body(carry, mb):
-      loss_acc, grad_acc = carry
-      loss, grads = grad_fn(params, mb)
-      return (loss_acc + loss, accumulate(jax.tree.map(jnp.add, grad_acc, grads))), None
+      (loss_acc, max_acc), grad_acc = carry
+      (loss, max_logits), grads = grad_fn(params, mb)
+      max_acc = None if max_acc is None else jnp.maximum(max_acc, max_logits)
+      return ((loss_acc + loss, max_acc), accumulate(jax.tree.map(jnp.add, grad_acc, grads))), None
 
-    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
-    return loss / M, jax.tree.map(lambda g: g / M, grads)
+    max0 = jnp.full((L, N), -jnp.inf, jnp.float32) if tau > 0 else None
+    ((loss, max_logits), grads), _ = jax.lax.scan(
+        body, ((jnp.zeros((), jnp.float32), max0), zeros), micro)
+    return (loss / M, max_logits), jax.tree.map(lambda g: g / M, grads)
 
   def train_step(state, batch):
     # The mesh in context is what the model's activation constraints read (sharding.constrain).
     with jax.sharding.use_abstract_mesh(s.mesh.abstract_mesh):
-      loss, grads = grads_of(state.params, batch)
+      (loss, max_logits_LN), grads = grads_of(state.params, batch)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     metrics.update(optim.group_update_rms(updates, opt_cfg))
+    if tau > 0:  # QK-clip: rescale the heads whose logits passed tau in this batch.
+      params = optim.clip_qk(params, max_logits_LN, tau)
+      metrics["max_logit"] = jnp.max(max_logits_LN)
     return TrainState(state.step + 1, params, opt_state), metrics
 
   replicated = sharding.replicated(s.mesh)

@@ -18,18 +18,21 @@ import optax
 from ml_collections import config_dict
 
 from jaxtrain.errors import UserError
+from jaxtrain.optim import hyperball as hyperball_lib
 from jaxtrain.optim import routing
 from jaxtrain.optim import schedules
-from jaxtrain.optim.muon import (MuonState, NS_BAND, NS_PRESETS, muon, ns_coefficients, ns_flops,
-                                 orthogonalize, scale_by_muon, shape_scale)
+from jaxtrain.optim.qk_clip import clip_qk
+from jaxtrain.optim.muon import (MuonState, NS_BAND, NS_METHODS, NS_PRESETS, muon, ns_coefficients,
+                                 ns_flops, orthogonalize, scale_by_muon, shape_scale, uses_gram)
 from jaxtrain.optim.routing import (DEFAULT_HIDDEN, DEFAULT_NO_DECAY, format_routing_table,
                                     group_update_rms, routing_table)
 
 __all__ = [
     'DEFAULT_HIDDEN', 'DEFAULT_NO_DECAY', 'MuonState', 'NS_BAND', 'NS_PRESETS', 'build_optimizer',
+    'clip_qk',
     'default_config', 'format_routing_table', 'group_update_rms', 'lr_schedule', 'muon',
     'ns_coefficients', 'ns_flops', 'orthogonalize', 'routing_table', 'scale_by_muon',
-    'shape_scale', 'validate_config',
+    'shape_scale', 'uses_gram', 'validate_config',
 ]
 
 NAMES = ('adamw', 'muon')
@@ -51,12 +54,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.min_lr_ratio = 0.1  # final lr / peak lr (cosine, wsd)
   c.decay_fraction = 0.2  # wsd: the last fraction of steps, decaying linearly to min_lr_ratio
   c.clip_norm = 1.0  # global-norm gradient clipping; 0 = off
+  # Hyperball (arXiv:2606.16899): the matrices of muon.hidden (under adamw too: AdamH; muon:
+  # MuonH) keep their init Frobenius norm, updates have norm lr x that norm (lr is an angle, in
+  # radians, roughly) and get no weight decay.
+  c.hyperball = False
+  # QK-clip (Kimi K2's MuonClip, arXiv:2507.20534): after each update, heads whose max attention
+  # logit in the step's batch exceeded this get W_q, W_k scaled down by sqrt(tau / max); 0 = off.
+  c.qk_clip_tau = 0.0
 
   c.muon = ml_collections.ConfigDict()
   c.muon.momentum = 0.95  # momentum beta of the Muon group
   c.muon.nesterov = True  # Nesterov momentum
   c.muon.ns_steps = 5  # Newton-Schulz iterations
   c.muon.ns_coeffs = 'standard'  # 'standard' | 'polar_express'
+  # 'standard' | 'gram': Gram Newton-Schulz (iterates on X X^T; dao-lab 2026) on the wide
+  # matrices where it needs fewer FLOPs; same result within rounding.
+  c.muon.ns_method = 'standard'
+  c.muon.gram_restart = 2  # gram: recompute X X^T from X once, after this many NS steps (0 = never)
   c.muon.ns_dtype = 'float32'  # 'float32' | 'bfloat16' (NS loop only; state and I/O are fp32)
   c.muon.ns_eps = 1e-7  # added to the Frobenius norm before dividing by it
   c.muon.shape_scaling = 'rms_match'  # 'rms_match' | 'spectral' | 'none'
@@ -122,6 +136,9 @@ def validate_config(opt_cfg) -> None:
   _number(opt_cfg.min_lr_ratio, f'{p}.min_lr_ratio', lo=0, hi=1)
   _number(opt_cfg.decay_fraction, f'{p}.decay_fraction', lo=0, hi=1, lo_open=True)
   _number(opt_cfg.clip_norm, f'{p}.clip_norm', lo=0)
+  if not isinstance(opt_cfg.hyperball, bool):
+    raise UserError(f'{p}.hyperball must be True or False, got {opt_cfg.hyperball!r}')
+  _number(opt_cfg.qk_clip_tau, f'{p}.qk_clip_tau', lo=0)
 
   m, p = opt_cfg.muon, 'optimizer.muon'
   _number(m.momentum, f'{p}.momentum', lo=0, hi=1, hi_open=True)
@@ -130,6 +147,8 @@ def validate_config(opt_cfg) -> None:
   _number(m.ns_steps, f'{p}.ns_steps', lo=1, hi=100, integer=True)
   _choice(m.ns_coeffs, f'{p}.ns_coeffs', tuple(NS_PRESETS))
   _choice(m.ns_dtype, f'{p}.ns_dtype', tuple(NS_DTYPES))
+  _choice(m.ns_method, f'{p}.ns_method', NS_METHODS)
+  _number(m.gram_restart, f'{p}.gram_restart', lo=0, integer=True)
   _number(m.ns_eps, f'{p}.ns_eps', lo=0, lo_open=True)
   _choice(m.shape_scaling, f'{p}.shape_scaling', ('rms_match', 'spectral', 'none'))
   _number(m.rms_scale, f'{p}.rms_scale', lo=0, lo_open=True)
@@ -190,11 +209,22 @@ def build_optimizer(opt_cfg, total_steps: int, mesh=None, param_shardings=None,
   lr = lambda step: opt_cfg.lr * mult(step)
   decay_mask = routing.decay_mask_fn(tuple(opt_cfg.no_decay))
   clip = [optax.clip_by_global_norm(opt_cfg.clip_norm)] if opt_cfg.clip_norm > 0 else []
-  if opt_cfg.name == 'adamw':
-    return optax.chain(*clip, optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                                          weight_decay=opt_cfg.weight_decay, mask=decay_mask))
-
   m = opt_cfg.muon
+  if opt_cfg.name == 'adamw':
+    adamw = optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                        weight_decay=opt_cfg.weight_decay, mask=decay_mask)
+    if not opt_cfg.hyperball:
+      return optax.chain(*clip, adamw)
+    # AdamH: Adam's direction on the hidden matrices, on their spheres; AdamW elsewhere.
+    hidden = tuple(tuple(row) for row in m.hidden)
+    layout_fn = lambda path, shape: routing.hidden_layout(path, hidden)
+    labels = lambda params: routing.map_with_path(
+        lambda p, _: routing.MUON if routing.hidden_layout(p, hidden) else routing.ADAMW, params)
+    adam = optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
+    return optax.chain(*clip, optax.partition(
+        {routing.MUON: hyperball_lib.hyperball(adam, lr, layout_fn), routing.ADAMW: adamw},
+        labels))
+
   adam_peak = opt_cfg.lr if m.adam_lr is None else m.adam_lr
   shard_axis = None
   if mesh is not None:
@@ -216,11 +246,14 @@ def build_optimizer(opt_cfg, total_steps: int, mesh=None, param_shardings=None,
       ns_coeffs=m.ns_coeffs,
       ns_steps=m.ns_steps,
       ns_dtype=NS_DTYPES[m.ns_dtype],
+      ns_method=m.ns_method,
+      gram_restart=m.gram_restart,
       eps=m.ns_eps,
       shape_scaling=m.shape_scaling,
       rms_scale=m.rms_scale,
       variant=m.variant,
       normuon_b2=m.normuon_b2,
+      hyperball=opt_cfg.hyperball,
       mesh=mesh,
       shard_axis=shard_axis or (),
       param_shardings=param_shardings,

@@ -29,6 +29,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxtrain import ops
+from jaxtrain.optim import hyperball as hyperball_lib
 from jaxtrain.optim import routing
 
 # Keller Jordan's quintic (modded-nanogpt, 2024), the same row every step. It maximises the slope at
@@ -75,6 +76,10 @@ NS_BAND_MIN_RELATIVE_SIGMA = 3e-3
 NS_BAND = {'standard': (0.68, 1.21), 'polar_express': (0.87, 1.13)}
 
 SHAPE_SCALINGS = ('spectral', 'rms_match', 'none')
+NS_METHODS = ('standard', 'gram')
+# Gram NS: recompute R = X X^T from X once, after this many steps (0: never), as the Gram NS
+# write-up restarts after its second step for half-precision stability.
+GRAM_RESTART = 2
 VARIANTS = ('muon', 'normuon')
 
 
@@ -107,7 +112,8 @@ def ns_coefficients(ns_coeffs='standard', ns_steps: int = 5) -> tuple[np.ndarray
   return rows, 1.0
 
 
-def _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype, split=None, unroll=False):
+def _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype, split=None, unroll=False,
+                        method='standard', gram_restart=GRAM_RESTART):
   """NS on a stack of matrices with M <= N (so the Gram matrix X X^T is the small one).
 
   Input and output are fp32; the loop's large products read ns_dtype operands and accumulate in
@@ -144,11 +150,62 @@ def _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype, split=None, u
     poly_BMM = full(poly_BMM).astype(ns_dtype)
     return cols(jnp.einsum(f'{b}mk,{b}kn->{b}mn', poly_BMM, x_BMN)), None
 
+  M, N = x_BMN.shape[-2:]
+  if method == 'gram' and uses_gram(M, N, len(coeffs_S3), gram_restart):
+    return _gram_newton_schulz(x_BMN, coeffs_S3, gram_restart, ns_dtype, b, eye_MM, cols, full,
+                               unroll).astype(jnp.float32)
   x_BMN, _ = jax.lax.scan(ns_step, x_BMN, jnp.asarray(coeffs_S3, jnp.float32), unroll=unroll)
   return x_BMN.astype(jnp.float32)
 
 
-def _split_newton_schulz(x_BMN, coeffs_S3, prescale, eps, ns_dtype, mesh, axes, unroll=False):
+def _gram_segments(steps, gram_restart):
+  """Lengths of the runs of NS steps between two reads of X: one restart, after step
+  `gram_restart`, recomputes X X^T from X (the write-up's choice for 5 steps)."""
+  if not gram_restart or gram_restart >= steps:
+    return [steps]
+  return [gram_restart, steps - gram_restart]
+
+
+def _gram_newton_schulz(x_BMN, coeffs_S3, gram_restart, ns_dtype, b, eye_MM, cols, full, unroll):
+  """The NS steps of `_orthogonalize_wide` iterated on the M x M Gram matrix (M <= N).
+
+  Gram Newton-Schulz (Zhang, Amsel, Chen & Dao 2026, "Gram Newton-Schulz: a fast, hardware-aware
+  Newton-Schulz algorithm for Muon", https://dao-lab.ai/blog/2026/gram-newton-schulz): every step
+  is X <- Z X with Z = p(R) a polynomial of R = X X^T, so Z commutes with R and
+    R_{t+1} = Z R_t Z,   Q_{t+1} = Z Q_t,   X_T = Q_T X_0.
+  X is read twice per segment (R = X X^T at the start, Q X at the end) instead of twice per step;
+  the steps in between are M x M products. In exact arithmetic the result is the standard NS
+  output; the write-up restarts (recomputes R from X) after a few steps because R drifts in half
+  precision, which `gram_restart` does here (the M x M side is fp32 in any case).
+  """
+  coeffs_S3 = np.asarray(coeffs_S3, np.float32)
+  mm = lambda u, v: jnp.einsum(f'{b}mk,{b}kj->{b}mj', u, v)
+  poly = lambda r, abc: abc[0] * eye_MM + abc[1] * r + abc[2] * mm(r, r)
+  start = 0
+  for length in _gram_segments(len(coeffs_S3), gram_restart):
+    rows = jnp.asarray(coeffs_S3[start:start + length])
+    start += length
+    x_BMN = cols(x_BMN)
+    r_BMM = full(ops.einsum(f'{b}mn,{b}kn->{b}mk', x_BMN, x_BMN,
+                            preferred_element_type=jnp.float32))
+    q_BMM = poly(r_BMM, rows[0])  # Q_0 = I, so the first step's Z is Q
+    if length > 1:
+      r_BMM = mm(q_BMM, mm(r_BMM, q_BMM))
+
+      def gram_step(carry, abc_3):
+        q_BMM, r_BMM = carry
+        z_BMM = poly(r_BMM, abc_3)
+        return (mm(z_BMM, q_BMM), mm(z_BMM, mm(r_BMM, z_BMM))), None
+
+      if length > 2:
+        (q_BMM, r_BMM), _ = jax.lax.scan(gram_step, (q_BMM, r_BMM), rows[1:-1], unroll=unroll)
+      q_BMM = mm(poly(r_BMM, rows[-1]), q_BMM)  # the last step needs no new R
+    x_BMN = cols(jnp.einsum(f'{b}mk,{b}kn->{b}mn', full(q_BMM).astype(ns_dtype), x_BMN))
+  return x_BMN
+
+
+def _split_newton_schulz(x_BMN, coeffs_S3, prescale, eps, ns_dtype, mesh, axes, unroll=False,
+                         method='standard', gram_restart=GRAM_RESTART):
   """NS of a stack of B wide matrices with every device of `axes` doing 1/n of the work.
 
   The first n * (B // n) matrices are split whole over the n devices (no communication inside
@@ -156,7 +213,8 @@ def _split_newton_schulz(x_BMN, coeffs_S3, prescale, eps, ns_dtype, mesh, axes, 
   otherwise padded with zero matrices to one per device (NS of zero is zero).
   """
   ns = functools.partial(_orthogonalize_wide, coeffs_S3=coeffs_S3, prescale=prescale, eps=eps,
-                         ns_dtype=ns_dtype, unroll=unroll)
+                         ns_dtype=ns_dtype, unroll=unroll, method=method,
+                         gram_restart=gram_restart)
   if not axes:
     return ns(x_BMN)
   n = math.prod(mesh.shape[a] for a in axes)
@@ -178,25 +236,53 @@ def _split_newton_schulz(x_BMN, coeffs_S3, prescale, eps, ns_dtype, mesh, axes, 
 
 
 def orthogonalize(x, ns_coeffs='standard', ns_steps: int = 5, *, eps: float = 1e-7,
-                  ns_dtype=jnp.float32):
+                  ns_dtype=jnp.float32, method: str = 'standard',
+                  gram_restart: int = GRAM_RESTART, unroll: bool = False):
   """Approximate polar factor of every matrix in `x` (last two axes; leading axes are batch).
 
   Returns fp32. Tall matrices are transposed so the Gram matrix is min(m, n) square: the result is
-  the same (p(X^T)^T = p(X) for odd p) at a fraction of the FLOPs.
+  the same (p(X^T)^T = p(X) for odd p) at a fraction of the FLOPs. method='gram' runs Gram
+  Newton-Schulz (`_gram_newton_schulz`) where it has fewer FLOPs (`uses_gram`).
   """
+  if method not in NS_METHODS:
+    raise ValueError(f'unknown NS method {method!r}; known: {NS_METHODS}')
   coeffs_S3, prescale = ns_coefficients(ns_coeffs, ns_steps)
   if x.ndim < 2:
     raise ValueError(f'orthogonalize needs a matrix (..., m, n), got shape {x.shape}')
   tall = x.shape[-2] > x.shape[-1]
   x_BMN = jnp.swapaxes(x, -1, -2) if tall else x
-  out_BMN = _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype)
+  out_BMN = _orthogonalize_wide(x_BMN, coeffs_S3, prescale, eps, ns_dtype, unroll=unroll,
+                                method=method, gram_restart=gram_restart)
   return jnp.swapaxes(out_BMN, -1, -2) if tall else out_BMN
 
 
-def ns_flops(m: int, n: int, ns_steps: int) -> int:
-  """Matmul FLOPs of orthogonalising one m x n matrix: per step X X^T, A A and B X."""
+def ns_flops(m: int, n: int, ns_steps: int, method: str = 'standard',
+             gram_restart: int = GRAM_RESTART) -> int:
+  """Matmul FLOPs of orthogonalising one m x n matrix.
+
+  standard: per step X X^T, A A and B X. gram (where `uses_gram`): per segment between restarts
+  X X^T and Q X, and on the small side R R per step plus Z Q and Z R Z for the steps in between.
+  """
   m, n = min(m, n), max(m, n)
-  return ns_steps * (2 * m * m * n + 2 * m * m * m + 2 * m * m * n)
+  standard = ns_steps * (2 * m * m * n + 2 * m * m * m + 2 * m * m * n)
+  if method == 'standard':
+    return standard
+  if method != 'gram':
+    raise ValueError(f'unknown NS method {method!r}; known: {NS_METHODS}')
+  gram = sum(4 * m * m * n + 2 * m ** 3 + 8 * m ** 3 * (s - 1)
+             for s in _gram_segments(ns_steps, gram_restart))
+  return min(gram, standard)
+
+
+def uses_gram(m: int, n: int, ns_steps: int, gram_restart: int = GRAM_RESTART) -> bool:
+  """Whether Gram NS has fewer FLOPs than standard NS for an m x n matrix.
+
+  Gram NS trades per-step passes over X (4 m^2 n) for M x M products (8 m^3 per step), so it
+  wins for wide matrices (n > ~1.5 m: MLP kernels) and loses for square ones (q, k, v, o), which
+  keep the standard loop, as in the write-up's own fallback.
+  """
+  m, n = min(m, n), max(m, n)
+  return ns_flops(m, n, ns_steps, 'gram', gram_restart) < ns_flops(m, n, ns_steps)
 
 
 def shape_scale(fan_in: int, fan_out: int, shape_scaling: str, rms_scale: float = 0.2) -> float:
@@ -338,6 +424,8 @@ def scale_by_muon(
     shard_axis: str | Sequence[str] = ('data', 'fsdp', 'tensor'),
     param_shardings=None,
     unroll: bool = False,
+    ns_method: str = 'standard',
+    gram_restart: int = GRAM_RESTART,
 ) -> optax.GradientTransformation:
   """Muon direction for every leaf: fp32 momentum, Newton-Schulz, optional NorMuon, shape scaling.
 
@@ -369,12 +457,17 @@ def scale_by_muon(
       constrained back to them after NS. Without it XLA's propagation picks the output layout.
     unroll: unroll the NS loop instead of a scan (same numbers; XLA's cost analysis counts a
       loop body once, so the planner unrolls to count every step).
+    ns_method: 'standard', or 'gram' for Gram Newton-Schulz on the matrices where it saves FLOPs
+      (`uses_gram`: the wide MLP kernels; square ones keep the standard loop).
+    gram_restart: Gram NS recomputes X X^T from X once, after this many steps (0: never).
 
   Returns:
     An optax.GradientTransformation with state `MuonState`.
   """
   if variant not in VARIANTS:
     raise ValueError(f'unknown variant {variant!r}; known: {VARIANTS}')
+  if ns_method not in NS_METHODS:
+    raise ValueError(f'unknown ns_method {ns_method!r}; known: {NS_METHODS}')
   shape_scale(1, 1, shape_scaling)  # validates the name early
   coeffs_S3, prescale = ns_coefficients(ns_coeffs, ns_steps)
   ns_dtype = jnp.dtype(ns_dtype)
@@ -420,7 +513,7 @@ def scale_by_muon(
         xs = [_place(x, P(), mesh) for x in xs]
       x_BMN = xs[0] if len(xs) == 1 else jnp.concatenate(xs)
       y_BMN = _split_newton_schulz(x_BMN, coeffs_S3, prescale, eps, ns_dtype, mesh, axes,
-                                   unroll)
+                                   unroll, ns_method, gram_restart)
       offsets = np.cumsum([0] + [x.shape[0] for x in xs])
       for j, k in enumerate(members):
         ortho[k] = y_BMN[offsets[j]:offsets[j + 1]]
@@ -458,6 +551,7 @@ def muon(
     adam_eps: float = 1e-8,
     hidden: Sequence[tuple[str, str]] = routing.DEFAULT_HIDDEN,
     no_decay: Sequence[str] = routing.DEFAULT_NO_DECAY,
+    hyperball: bool = False,
     **muon_kwargs,
 ) -> optax.GradientTransformation:
   """Muon for the hidden matrices chosen by `hidden`, AdamW for every other parameter.
@@ -472,6 +566,9 @@ def muon(
     hidden: (regex, layout) rows; a parameter whose '/'-joined path fullmatches a regex goes to Muon
       with that layout (first match wins), everything else to AdamW.
     no_decay: regexes of paths that get no weight decay in either group (norm scales, biases).
+    hyperball: MuonH (`hyperball.hyperball`, arXiv:2606.16899): the hidden matrices and their
+      updates keep fixed Frobenius norms and learning_rate is an angle; weight_decay is then not
+      applied to them (the AdamW group keeps its own).
     **muon_kwargs: passed to `scale_by_muon` (momentum, ns_coeffs, ns_steps, ns_dtype, variant,
       shape_scaling, mesh, shard_axis, param_shardings, ...).
 
@@ -492,13 +589,18 @@ def muon(
     del shape
     return routing.hidden_layout(path, hidden)
 
+  if hyperball:
+    muon_group = hyperball_lib.hyperball(scale_by_muon(layouts=layout_fn, **muon_kwargs),
+                                         learning_rate, layout_fn)
+  else:
+    muon_group = optax.chain(
+        scale_by_muon(layouts=layout_fn, **muon_kwargs),
+        optax.add_decayed_weights(weight_decay, decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
   return optax.partition(
       {
-          routing.MUON: optax.chain(
-              scale_by_muon(layouts=layout_fn, **muon_kwargs),
-              optax.add_decayed_weights(weight_decay, decay_mask),
-              optax.scale_by_learning_rate(learning_rate),
-          ),
+          routing.MUON: muon_group,
           routing.ADAMW: optax.adamw(
               adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
               weight_decay=adam_weight_decay, mask=decay_mask),
