@@ -102,7 +102,9 @@ def cmd_train(argv):
     jaxtrain train --config=configs/llama.py:125m,h100 --workdir=runs/125m
 
   exit codes: 0 trained to train.steps; 1 preempted (SIGTERM: a checkpoint was saved, re-run the
-  same command to resume) or another failure; 2 bad config, data or arguments (one line on stderr)
+  same command to resume), a non-finite loss (train.on_nonfinite), a checkpoint that could not be
+  written (disk full) or another failure; 2 bad config, data or arguments, or a workdir that is
+  not writable (one line on stderr)
   """
   import jaxtrain  # pylint: disable=import-outside-toplevel
   args = Args(argv, flags=("workdir",))
@@ -395,12 +397,16 @@ def main(argv=None):
   if any(a in HELP_FLAGS for a in rest):
     print(verb_help(verb))
     return 0
+  from jaxtrain.errors import RunFailure  # pylint: disable=import-outside-toplevel
   from jaxtrain.trainer import Preempted  # pylint: disable=import-outside-toplevel
   try:
     COMMANDS[verb](rest)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except RunFailure as e:  # Non-finite loss, a checkpoint that could not be written.
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   except Preempted as e:
     print(f"{e}", file=sys.stderr)
     return 1

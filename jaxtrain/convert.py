@@ -595,7 +595,9 @@ def workdir_to_hf(workdir, out_dir, step=None, dtype=None,
     if not steps:
       raise UserError(f"{workdir}/checkpoints holds no checkpoint")
     if step is None:
-      step = steps[-1]
+      step = ckpt.latest_valid_step()  # Invalid newer steps are named on stderr, passed over.
+      if step is None:
+        raise UserError(f"{workdir}/checkpoints holds no valid checkpoint")
     elif step not in steps:
       raise UserError(f"{workdir}/checkpoints has no step {step} (have {steps})")
     params = ckpt.restore(step, target)["params"]

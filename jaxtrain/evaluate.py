@@ -37,14 +37,17 @@ def is_hf_dir(path):
 
 
 def _resolve_step(ckpt, step, workdir):
-  latest = ckpt.latest_step()
+  if step is not None:
+    if step not in ckpt.all_steps():
+      raise UserError(f"{workdir}/checkpoints has no step {step} (have {sorted(ckpt.all_steps())})")
+    reason = checkpoint_lib.check_step(ckpt.directory, step)
+    if reason is not None:
+      raise UserError(f"{workdir}/checkpoints step {step} is invalid: {reason}")
+    return step
+  latest = ckpt.latest_valid_step()  # Invalid newer steps are named on stderr and passed over.
   if latest is None:
-    raise UserError(f"{workdir}/checkpoints holds no checkpoint")
-  if step is None:
-    return latest
-  if step not in ckpt.all_steps():
-    raise UserError(f"{workdir}/checkpoints has no step {step} (have {sorted(ckpt.all_steps())})")
-  return step
+    raise UserError(f"{workdir}/checkpoints holds no valid checkpoint")
+  return latest
 
 
 def load_params(workdir, abstract_params, step=None):
