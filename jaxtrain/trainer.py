@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -532,7 +533,11 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
     if hasattr(train_iter, "close"):  # Grain worker processes, when data.worker_count > 0.
       train_iter.close()
     ckpt.close()
-    writer.close()
+    try:
+      writer.close()
+    except OSError:  # Disk full: the error already on its way (a RunFailure) is the one to show.
+      if sys.exc_info()[0] is None:
+        raise
   if is_main and step == steps:
     metrics_lib.plot_loss_curve(workdir)
   return last_record
