@@ -102,7 +102,9 @@ class Checkpointer:
     self._failure = None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
-        create=not read_only)
+        create=not read_only,
+        # A save killed half-way leaves `<step>.orbax-checkpoint-tmp`; remove it on start.
+        cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self):

@@ -135,8 +135,14 @@ def apply_override(cfg, dotted_key: str, text: str):
   current = node[leaf]
   if isinstance(current, ml_collections.ConfigDict):
     raise UserError(f"config key {dotted_key} is a section; set one of its keys")
-  with node.unlocked():
-    node[leaf] = _parse_value(dotted_key, text, current)
+  value = _parse_value(dotted_key, text, current)
+  try:
+    with node.unlocked():
+      node[leaf] = value
+  except (TypeError, ValueError, KeyError) as e:  # ml_collections refuses a change of type.
+    kind = type(current).__name__
+    raise UserError(f"--config.{dotted_key}={text!r} does not fit the key's type ({kind}, e.g. "
+                    f"{current!r})") from e
 
 
 def load_config_dict(values) -> ml_collections.ConfigDict:
