@@ -29,8 +29,8 @@ def _mesh():
   return sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
 
 
-def _config(corpus, **train):
-  cfg = tiny_config(*corpus, steps=STEPS, **train)
+def _config(corpus, steps=STEPS, **train):
+  cfg = tiny_config(*corpus, steps=steps, **train)
   cfg.checkpoint.update(every=2, keep=5)
   return cfg
 
@@ -293,7 +293,7 @@ def test_nonfinite_skip_drops_the_update_counts_it_and_goes_on(corpus, reference
 
 
 def test_a_diverging_learning_rate_stops_the_run_in_both_modes(corpus, tmp_path):
-  cfg = _config(corpus, steps=12, max_nonfinite_in_a_row=3)
+  cfg = _config(corpus, steps=8, max_nonfinite_in_a_row=3)
   cfg.optimizer.lr = 1e8
   cfg.checkpoint.every = 1
   with pytest.raises(RunFailure, match=r"non-finite loss or gradients at step \d+") as e:
