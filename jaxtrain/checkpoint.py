@@ -4,12 +4,83 @@ Layout: `WORKDIR/checkpoints/<step>/{params,opt_state,meta,data}`. Params and op
 separate items so that `load_model` and `jaxtrain eval` restore params alone. Restores always
 take explicit target shardings (abstract arrays carrying a `sharding`), so a checkpoint written
 on one mesh loads onto any other mesh or device count (orbax#648, #683).
+
+Validity. Orbax (0.12) writes a step into `<step>.orbax-checkpoint-tmp/` and renames it when
+complete, leaving `commit_success.txt` in the step and in each item. A step directory counts as a
+checkpoint only if those markers are there and its metadata files parse (`check_step`); restores
+fall back to the newest older one that passes and restores (`restore_latest`), with a warning
+naming every step passed over. Invalid steps are moved to `checkpoints.invalid/` so that Orbax's
+retention (which deletes old steps only after a new one is finalized) never counts them as kept.
 """
 
+import json
 import os
+import shutil
+import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxtrain.errors import RunFailure, UserError
+
+COMMIT_MARKER = "commit_success.txt"  # What Orbax leaves in a finalized step and item.
+_JSON_FILES = ("_CHECKPOINT_METADATA", "meta/metadata", "params/_METADATA", "opt_state/_METADATA")
+
+
+def check_step(directory, step):
+  """Why `directory/<step>` is not a usable checkpoint, or None when its markers and metadata
+  are in order (array data is checked by restoring it)."""
+  path = os.path.join(directory, str(step))
+  if not os.path.isfile(os.path.join(path, COMMIT_MARKER)):
+    return f"no {COMMIT_MARKER} (the save did not finish)"
+  items = [n for n in os.listdir(path) if not n.startswith((".", "_")) and
+           os.path.isdir(os.path.join(path, n))]
+  for name in ("params", "meta"):
+    if name not in items:
+      return f"item {name}/ is missing"
+  for name in items:
+    if not os.path.isfile(os.path.join(path, name, COMMIT_MARKER)):
+      return f"item {name}/ has no {COMMIT_MARKER}"
+  for rel in _JSON_FILES:
+    file = os.path.join(path, rel)
+    if rel.startswith("opt_state/") and "opt_state" not in items:
+      continue
+    try:
+      with open(file) as f:
+        value = json.load(f)
+    except FileNotFoundError:
+      return f"{rel} is missing"
+    except (OSError, ValueError) as e:
+      return f"{rel} is garbled ({type(e).__name__})"
+    if rel == "meta/metadata" and (not isinstance(value, dict) or value.get("step") != step):
+      return f"{rel} does not name step {step}"
+  return None
+
+
+def check_writable(workdir):
+  """Create `workdir` and `workdir/checkpoints` and write a probe file in each, or raise a
+  one-line UserError naming the directory (before anything is compiled)."""
+  for path in (workdir, os.path.join(workdir, "checkpoints")):
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+      os.makedirs(path, exist_ok=True)
+      with open(probe, "w") as f:
+        f.write("ok")
+      os.remove(probe)
+    except OSError as e:
+      raise UserError(f"workdir {workdir}: cannot write in {path} ({e.strerror or e}); choose "
+                      "another --workdir or fix its permissions") from None
+
+
+def warn_stderr(message):
+  """The default for `warn=`: one line on stderr, never a Python warning with its source line."""
+  print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _one_line(e):
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:200]}"
 
 
 def abstract_with_shardings(tree, shardings):
@@ -18,17 +89,84 @@ def abstract_with_shardings(tree, shardings):
                       tree, shardings)
 
 
+class CheckpointError(UserError):
+  """No checkpoint of a non-empty directory can be restored (one line, exit code 2)."""
+
+
 class Checkpointer:
 
   def __init__(self, directory, keep=2, async_save=True, read_only=False):
     self.directory = os.path.abspath(directory)
+    self.read_only = read_only
+    self._writing = None  # The step of the save in flight (async writes fail later, in wait()).
+    self._failure = None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
-        create=not read_only)
+        create=not read_only,
+        # A save killed half-way leaves `<step>.orbax-checkpoint-tmp`; remove it on start.
+        cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self):
     return self.manager.latest_step()
+
+  def valid_steps(self, warn=warn_stderr):
+    """Steps that pass `check_step`, newest first; `warn` names each one that does not."""
+    good = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      reason = check_step(self.directory, step)
+      if reason is None:
+        good.append(step)
+      elif warn is not None:
+        warn(f"checkpoint step {step} in {self.directory} is invalid: {reason}; skipped")
+    return good
+
+  def latest_valid_step(self, warn=warn_stderr):
+    steps = self.valid_steps(warn)
+    return steps[0] if steps else None
+
+  def restore_latest(self, abstract_params, abstract_opt_state=None, data_iterator=None,
+                     warn=warn_stderr):
+    """(step, restored items) from the newest checkpoint that passes `check_step` and restores,
+    or (None, None) when the directory holds none. Every invalid step is named in a warning and
+    moved to `checkpoints.invalid/` (process 0), so that training never resumes from it, never
+    saves over it and retention never counts it as a kept checkpoint. If steps exist but none
+    restores (e.g. the config changed shapes), that is an error, never a fresh start."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    bad = {}
+    for step in steps:
+      reason = check_step(self.directory, step)
+      if reason is None:
+        try:
+          restored = self.restore(step, abstract_params, abstract_opt_state, data_iterator)
+        except Exception as e:  # pylint: disable=broad-except
+          reason = f"restore failed ({_one_line(e)})"
+        else:
+          self._set_aside(bad, warn)
+          return step, restored
+      bad[step] = reason
+      warn(f"checkpoint step {step} in {self.directory} is invalid: {reason}; "
+           "trying an older one")
+    if bad:
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} restores (steps {sorted(bad)}; newest: "
+          f"{bad[max(bad)]}); move the directory away to start afresh")
+    return None, None
+
+  def _set_aside(self, bad, warn):
+    if not bad or self.read_only:
+      return
+    if jax.process_index() == 0:
+      aside = self.directory + ".invalid"
+      os.makedirs(aside, exist_ok=True)
+      for step in bad:
+        target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        warn(f"moved invalid checkpoint step {step} to {target}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("jaxtrain_checkpoint_set_aside")
+    self.manager.reload()
 
   def all_steps(self):
     return list(self.manager.all_steps())
@@ -42,7 +180,32 @@ class Checkpointer:
       items["opt_state"] = ocp.args.StandardSave(opt_state)
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.wait()  # A failure of the previous (async) save is raised here, naming its step.
+    self._writing = step
+    with self._write_errors():
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def _write_errors(self):
+    """Turn a failed write (disk full, file too large, permissions: Orbax raises OSError or
+    tensorstore's ValueError) into one RunFailure naming the step and the intact previous one."""
+    import contextlib  # pylint: disable=import-outside-toplevel
+
+    @contextlib.contextmanager
+    def guard():
+      if self._failure is not None:
+        raise self._failure
+      try:
+        yield
+      except Exception as e:  # pylint: disable=broad-except
+        step = self._writing
+        previous = [s for s in self.valid_steps(warn=None) if s != step]
+        kept = (f"the previous checkpoint (step {previous[0]}) is intact" if previous else
+                "no earlier checkpoint exists")
+        self._failure = RunFailure(
+            f"checkpoint step {step} could not be written to {self.directory} ({_one_line(e)}); "
+            f"{kept}; free space (or fix permissions) and re-run the same command to resume")
+        raise self._failure from e
+    return guard()
 
   def items(self, step):
     """Names of the items saved at `step` (params-only checkpoints have no opt_state)."""
@@ -61,8 +224,18 @@ class Checkpointer:
     return {k: restored[k] for k in items}
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._write_errors():
+      self.manager.wait_until_finished()
+    self._writing = None
 
   def close(self):
-    self.manager.wait_until_finished()
+    """Wait for the save in flight and close; after a failed write, close without raising again
+    (the failure was raised already)."""
+    failed = self._failure is not None
+    try:
+      self.wait()
+    except RunFailure:
+      if failed:
+        return
+      raise
     self.manager.close()

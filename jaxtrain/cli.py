@@ -7,6 +7,7 @@ true, and lets a new verb arrive without touching a central table beyond COMMAND
 """
 
 import difflib
+import errno
 import json
 import inspect
 import os
@@ -17,6 +18,8 @@ from jaxtrain.errors import UserError
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "default.py")
 HELP_FLAGS = ("-h", "--help")
+# Write errors a full or read-only disk gives: one line and exit code 1, never a traceback.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 EXIT_CODES = ("exit codes: 0 success, 2 bad input (one line on stderr naming the culprit), "
               "1 other failure")
 
@@ -102,7 +105,9 @@ def cmd_train(argv):
     jaxtrain train --config=configs/llama.py:125m,h100 --workdir=runs/125m
 
   exit codes: 0 trained to train.steps; 1 preempted (SIGTERM: a checkpoint was saved, re-run the
-  same command to resume) or another failure; 2 bad config, data or arguments (one line on stderr)
+  same command to resume), a non-finite loss (train.on_nonfinite), a checkpoint that could not be
+  written (disk full) or another failure; 2 bad config, data or arguments, or a workdir that is
+  not writable (one line on stderr)
   """
   import jaxtrain  # pylint: disable=import-outside-toplevel
   args = Args(argv, flags=("workdir",))
@@ -589,12 +594,22 @@ def main(argv=None):
   if any(a in HELP_FLAGS for a in rest):
     print(verb_help(verb))
     return 0
+  from jaxtrain.errors import RunFailure  # pylint: disable=import-outside-toplevel
   from jaxtrain.trainer import Preempted  # pylint: disable=import-outside-toplevel
   try:
     COMMANDS[verb](rest)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except RunFailure as e:  # Non-finite loss, a checkpoint that could not be written.
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except OSError as e:
+    if e.errno not in _DISK_ERRNOS:
+      raise
+    print(f"error: {e} (metrics or checkpoints could not be written; the last complete checkpoint "
+          "is intact: free space and re-run the same command)", file=sys.stderr)
+    return 1
   except Preempted as e:
     print(f"{e}", file=sys.stderr)
     return 1

@@ -42,6 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
       loss_chunk=0,  # Sequence positions per chunk of the vocabulary-sized loss (0 = automatic).
       progress_bar=True,  # tqdm bar on the terminal (or notebook).
       hardware="",  # Target hardware (cpu, a40, a100, h100, h200): what `info --plan` fits to.
+      # A step whose loss, gradients or update are not finite: "stop" (exit code 1 naming the
+      # step; it is never saved, the last checkpoint stays finite) or "skip" (its update is
+      # dropped inside the step, counted as nonfinite_skipped in metrics.jsonl; training goes on).
+      on_nonfinite="stop",
+      max_nonfinite_in_a_row=10,  # With on_nonfinite=skip: this many skipped in a row stop the run.
   ))
   cfg.mesh = ml_collections.ConfigDict(dict(
       data=-1,  # Data-parallel size (-1: the devices the other axes leave).
@@ -130,8 +135,14 @@ def apply_override(cfg, dotted_key: str, text: str):
   current = node[leaf]
   if isinstance(current, ml_collections.ConfigDict):
     raise UserError(f"config key {dotted_key} is a section; set one of its keys")
-  with node.unlocked():
-    node[leaf] = _parse_value(dotted_key, text, current)
+  value = _parse_value(dotted_key, text, current)
+  try:
+    with node.unlocked():
+      node[leaf] = value
+  except (TypeError, ValueError, KeyError) as e:  # ml_collections refuses a change of type.
+    kind = type(current).__name__
+    raise UserError(f"--config.{dotted_key}={text!r} does not fit the key's type ({kind}, e.g. "
+                    f"{current!r})") from e
 
 
 def load_config_dict(values) -> ml_collections.ConfigDict:
@@ -201,6 +212,9 @@ def validate(cfg, num_devices=None):
     _positive_int("train", key, t[key], zero_ok=True)
   for key in ("every", "keep"):
     _positive_int("checkpoint", key, cfg.checkpoint[key])
+  _positive_int("train", "max_nonfinite_in_a_row", t.max_nonfinite_in_a_row)
+  if t.on_nonfinite not in ("stop", "skip"):
+    raise UserError(f"train.on_nonfinite={t.on_nonfinite!r} is not 'stop' or 'skip'")
   if t.hardware not in HARDWARE:
     raise UserError(f"train.hardware={t.hardware!r} is not one of {', '.join(map(repr, HARDWARE))}")
   if cfg.data.seq_len > model_cfg.max_seq_len:

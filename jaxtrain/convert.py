@@ -35,6 +35,8 @@ from jaxtrain.errors import UserError
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' long-standing default, "5GB".
 SAFETENSORS_FILE = "model.safetensors"
+# Pickle-based checkpoints (torch.save, pickle): refused, never opened (see _tensor_files).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json")
@@ -274,8 +276,7 @@ def _tensor_files(hf_dir):
   single = os.path.join(hf_dir, SAFETENSORS_FILE)
   index_path = os.path.join(hf_dir, INDEX_FILE)
   if os.path.isfile(single):
-    with safe_open(single, framework="numpy") as f:
-      return {name: SAFETENSORS_FILE for name in f.keys()}, SAFETENSORS_FILE
+    return {name: SAFETENSORS_FILE for name in _safetensors_names(single)}, SAFETENSORS_FILE
   if os.path.isfile(index_path):
     index = _read_json(index_path, "safetensors index")
     weight_map = index.get("weight_map")
@@ -285,11 +286,23 @@ def _tensor_files(hf_dir):
       if not os.path.isfile(os.path.join(hf_dir, file)):
         raise UserError(f"{index_path} names {file}, which does not exist")
     return dict(weight_map), INDEX_FILE
-  others = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json", "consolidated.00.pth")
-            if os.path.exists(os.path.join(hf_dir, f))]
-  hint = (f" (found {others[0]}: re-save it with transformers' save_pretrained, which writes "
-          "safetensors)") if others else ""
+  pickles = sorted(n for n in os.listdir(hf_dir) if n.endswith(PICKLE_SUFFIXES))
+  hint = (f" (found {pickles[0]}: a pickle checkpoint, which jaxtrain never loads because "
+          "unpickling can run code; convert it once, on a machine where you trust the file: "
+          "python -c \"import sys, transformers; transformers.AutoModelForCausalLM.from_pretrained("
+          "sys.argv[1]).save_pretrained(sys.argv[2], safe_serialization=True)\" "
+          f"{hf_dir} {hf_dir}-safetensors)") if pickles else ""
   raise UserError(f"{hf_dir} has neither {SAFETENSORS_FILE} nor {INDEX_FILE}{hint}")
+
+
+def _safetensors_names(path):
+  """Tensor names in a safetensors file; a damaged file is a one-line UserError."""
+  try:
+    with safe_open(path, framework="numpy") as f:
+      return list(f.keys())
+  except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own types)
+    raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:200]})") from None
 
 
 def _check_tensor_names(hf_dir, files, listing, tensors, cfg):
@@ -595,7 +608,9 @@ def workdir_to_hf(workdir, out_dir, step=None, dtype=None,
     if not steps:
       raise UserError(f"{workdir}/checkpoints holds no checkpoint")
     if step is None:
-      step = steps[-1]
+      step = ckpt.latest_valid_step()  # Invalid newer steps are named on stderr, passed over.
+      if step is None:
+        raise UserError(f"{workdir}/checkpoints holds no valid checkpoint")
     elif step not in steps:
       raise UserError(f"{workdir}/checkpoints has no step {step} (have {steps})")
     params = ckpt.restore(step, target)["params"]

@@ -37,13 +37,11 @@ def is_hf_dir(path):
 
 
 def _resolve_step(ckpt, step, workdir):
-  latest = ckpt.latest_step()
-  if latest is None:
-    raise UserError(f"{workdir}/checkpoints holds no checkpoint")
-  if step is None:
-    return latest
   if step not in ckpt.all_steps():
     raise UserError(f"{workdir}/checkpoints has no step {step} (have {sorted(ckpt.all_steps())})")
+  reason = checkpoint_lib.check_step(ckpt.directory, step)
+  if reason is not None:
+    raise UserError(f"{workdir}/checkpoints step {step} is invalid: {reason}")
   return step
 
 
@@ -54,6 +52,11 @@ def load_params(workdir, abstract_params, step=None):
     raise UserError(f"{directory} does not exist: no checkpoints in this workdir")
   ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
   try:
+    if step is None:  # The newest step that passes its checks and restores (others named).
+      step, restored = ckpt.restore_latest(abstract_params)
+      if step is None:
+        raise UserError(f"{workdir}/checkpoints holds no checkpoint")
+      return step, restored["params"]
     step = _resolve_step(ckpt, step, workdir)
     return step, ckpt.restore(step, abstract_params)["params"]
   finally:

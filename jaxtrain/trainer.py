@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ from flax import nnx
 from jaxtrain import checkpoint as checkpoint_lib
 from jaxtrain import config as config_lib
 from jaxtrain import hardware, metrics as metrics_lib, model as model_lib, ops, optim, sharding
+from jaxtrain import nonfinite as nonfinite_lib
 from jaxtrain.errors import UserError
 
 
@@ -247,6 +249,7 @@ def make_train_step(s: Setup):
   loss_chunk = s.config.train.loss_chunk
   opt_cfg = s.config.optimizer
   tau = opt_cfg.qk_clip_tau  # > 0: QK-clip (optim/qk_clip.py) needs the max logits as aux
+  skip_nonfinite = s.config.train.on_nonfinite == "skip"
 
   def mean_loss(params, batch):
     out = loss_sum_and_count(params, graphdef, batch, loss_chunk, with_max_logits=tau > 0)
@@ -285,10 +288,18 @@ def make_train_step(s: Setup):
       (loss, max_logits_LN), grads = grads_of(state.params, batch)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-    metrics.update(optim.group_update_rms(updates, opt_cfg))
     if tau > 0:  # QK-clip: rescale the heads whose logits passed tau in this batch.
       params = optim.clip_qk(params, max_logits_LN, tau)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+    if skip_nonfinite:  # train.on_nonfinite=skip: a non-finite step leaves the state as it was.
+      keep = lambda new, old: jnp.where(finite, new, old)
+      params = jax.tree.map(keep, params, state.params)
+      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+               "nonfinite": 1.0 - finite.astype(jnp.float32)}
+    metrics.update(optim.group_update_rms(updates, opt_cfg))
+    if tau > 0:
       metrics["max_logit"] = jnp.max(max_logits_LN)
     return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -377,7 +388,7 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
   s = make_setup(config, mesh)
   cfg = s.config
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  checkpoint_lib.check_writable(workdir)  # One line naming the directory, before any compile.
   if is_main:  # The resolved config: train.batch_size as this run uses it.
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
@@ -395,9 +406,10 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
 
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                      async_save=cfg.checkpoint.async_save)
-  latest = ckpt.latest_step()
+  # The newest checkpoint that passes its checks and restores; invalid ones are named and set aside.
+  latest, restored = ckpt.restore_latest(s.abstract_state.params, s.abstract_state.opt_state,
+                                         train_iter)
   if latest is not None:
-    restored = ckpt.restore(latest, s.abstract_state.params, s.abstract_state.opt_state, train_iter)
     opt_state = restored.get("opt_state")
     if opt_state is None:  # Params only (e.g. `jaxtrain convert` from HF): fresh optimizer.
       opt_state = jax.jit(s.tx.init, out_shardings=s.state_shardings.opt_state)(restored["params"])
@@ -430,9 +442,15 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
         f"params, {s.flops_per_token / 1e6:.1f} MFLOP/token, mesh {dict(s.mesh.shape)}, "
         f"peak {peak} TFLOP/s ({peak_source}); steps {start} -> {last_step}")
 
+  guard = nonfinite_lib.Guard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_in_a_row,
+                             ckpt.directory)
+  guard.last_saved = latest
+
   def save(step):
+    guard.check(upto=step)  # Never a checkpoint of a non-finite step.
     meta = {"step": step, "config": cfg.to_dict()}
     ckpt.save(step, state.params, state.opt_state, meta, train_iter)
+    guard.last_saved = step
 
   def run_eval(step):
     """One eval line over the validation split; a mixture adds one line per source."""
@@ -460,7 +478,10 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
     """Write step t's metrics; fetching them waits for step t only, not for t+1 in flight."""
     nonlocal clock
     step, device_metrics = pending_item
+    guard.check(upto=step)
     record = {"step": step, **{k: float(v) for k, v in jax.device_get(device_metrics).items()}}
+    if cfg.train.on_nonfinite == "skip":
+      record["nonfinite_skipped"] = guard.skipped  # Steps skipped so far by this process.
     now = time.time()
     n_steps, seconds = step - clock[0], now - clock[1]
     clock = (step, now)
@@ -480,6 +501,8 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
         batch = to_global(next(train_iter), s.batch_sharding)
         state, device_metrics = train_step(state, batch)
         step += 1
+        guard.push(step, device_metrics)
+        guard.check(upto=step - 1)  # One step late: the device is busy with this one.
         if clock is None:  # The first step includes compilation: time from its end.
           jax.block_until_ready(device_metrics)
           clock = (step, time.time())
@@ -497,6 +520,7 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
           if pending is not None:
             last_record = flush(pending)
             pending = None
+          guard.check(upto=step)
           if do_eval:
             last_record = {**last_record, **run_eval(step)}
           if do_save:
@@ -513,13 +537,18 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
                           f"{ckpt.directory}; re-run the same command to resume")
       if pending is not None:
         last_record = flush(pending)
+      guard.check(upto=step)
   finally:
     if bar is not None:
       bar.close()
     if hasattr(train_iter, "close"):  # Grain worker processes, when data.worker_count > 0.
       train_iter.close()
     ckpt.close()
-    writer.close()
+    try:
+      writer.close()
+    except OSError:  # Disk full: the error already on its way (a RunFailure) is the one to show.
+      if sys.exc_info()[0] is None:
+        raise
   if is_main and step == steps:
     metrics_lib.plot_loss_curve(workdir)
   return last_record

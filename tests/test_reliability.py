@@ -1,0 +1,330 @@
+"""Faults a long run meets, injected: damaged checkpoints, a disk that fills during a save, a
+workdir that cannot be written, non-finite losses. Each must end in exactly one of: training
+resumes and reproduces the uninterrupted run bitwise, or one line naming the culprit (exit code 1
+or 2) with the last good checkpoint intact. The kill -9 harness is tests/test_kill.py."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtrain import checkpoint as checkpoint_lib, cli, evaluate, sharding
+from jaxtrain import trainer as train_lib
+from jaxtrain.errors import RunFailure, UserError
+from test_train import corpus, tiny_config  # noqa: F401  (corpus is a fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+quiet = lambda *_: None
+
+
+def _mesh():
+  return sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+
+
+def _config(corpus, steps=STEPS, **train):
+  cfg = tiny_config(*corpus, steps=steps, **train)
+  cfg.checkpoint.update(every=2, keep=5)
+  return cfg
+
+
+def _train_records(workdir):
+  """Step -> the last train record written for it (a resumed run rewrites the steps it redoes)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r for r in map(json.loads, f) if "split" not in r}
+
+
+def _losses(workdir):
+  records = _train_records(workdir)
+  return [records[s]["loss"] for s in sorted(records)]
+
+
+def _params(workdir, cfg, step=None):
+  s = train_lib.make_setup(cfg, _mesh())
+  return evaluate.load_params(workdir, s.abstract_state.params, step)
+
+
+def _assert_same_params(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+  """Six uninterrupted steps with checkpoints at 2, 4 and 6: what every recovery must equal."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  train_lib.train(_config(corpus), workdir, mesh=_mesh(), log=quiet)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
+  return workdir
+
+
+def _largest_file(directory):
+  files = [os.path.join(r, n) for r, _, names in os.walk(directory) for n in names]
+  return max(files, key=os.path.getsize)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt and partial checkpoints.
+
+DAMAGE = [
+    ("no commit marker", lambda p: os.remove(os.path.join(p, "commit_success.txt")),
+     "no commit_success.txt"),
+    ("item without commit marker", lambda p: os.remove(os.path.join(p, "params",
+                                                                     "commit_success.txt")),
+     "item params/ has no commit_success.txt"),
+    ("garbled checkpoint metadata", lambda p: open(os.path.join(p, "_CHECKPOINT_METADATA"),
+                                                   "w").write("{\x00garbage"),
+     "_CHECKPOINT_METADATA is garbled"),
+    ("truncated meta", lambda p: open(os.path.join(p, "meta", "metadata"), "r+").truncate(7),
+     "meta/metadata is garbled"),
+    ("deleted params metadata", lambda p: os.remove(os.path.join(p, "params", "_METADATA")),
+     "params/_METADATA is missing"),
+    ("deleted item", lambda p: shutil.rmtree(os.path.join(p, "params")),
+     "item params/ is missing"),
+    ("meta of another step", lambda p: open(os.path.join(p, "meta", "metadata"), "w").write(
+        json.dumps({"step": 99})), "does not name step 6"),
+]
+
+
+@pytest.mark.parametrize("name, damage, reason", DAMAGE, ids=[d[0] for d in DAMAGE])
+def test_check_step_names_each_kind_of_damage(reference, tmp_path, name, damage, reason):
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(os.path.join(reference, "checkpoints", "6"), os.path.join(directory, "6"))
+  assert checkpoint_lib.check_step(directory, 6) is None
+  damage(os.path.join(directory, "6"))
+  assert reason in checkpoint_lib.check_step(directory, 6), name
+
+
+def test_resume_passes_over_damaged_checkpoints_and_reproduces_the_run_bitwise(
+    corpus, reference, tmp_path, capsys):
+  """Step 6 has a truncated array file (found by restoring it), step 4 no commit marker (found
+  by its check): training resumes from step 2, names both, sets them aside, redoes 3..6 exactly."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  ckpts = os.path.join(workdir, "checkpoints")
+  data_file = _largest_file(os.path.join(ckpts, "6", "params"))
+  with open(data_file, "r+b") as f:
+    f.truncate(os.path.getsize(data_file) // 2)
+  os.remove(os.path.join(ckpts, "4", "commit_success.txt"))
+  capsys.readouterr()
+  # eval and export pass over the invalid newest step too (named on stderr).
+  assert evaluate.load_params(workdir, train_lib.make_setup(_config(corpus), _mesh())
+                              .abstract_state.params)[0] == 2
+  train_lib.train(_config(corpus), workdir, mesh=_mesh(), log=print)
+  out = capsys.readouterr()
+  assert "checkpoint step 6" in out.err and "restore failed" in out.err
+  assert "checkpoint step 4" in out.err and "no commit_success.txt" in out.err
+  assert f"resumed from {ckpts}/2" in out.out
+  assert sorted(os.listdir(ckpts)) == ["2", "4", "6"]
+  assert sorted(n.split("-")[0] for n in os.listdir(ckpts + ".invalid")) == ["4", "6"]
+  assert _losses(workdir) == _losses(reference)
+  _assert_same_params(_params(workdir, _config(corpus))[1], _params(reference, _config(corpus))[1])
+
+
+def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(corpus, reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  for step in (2, 4, 6):
+    os.remove(os.path.join(workdir, "checkpoints", str(step), "_CHECKPOINT_METADATA"))
+  with pytest.raises(UserError) as e:
+    train_lib.train(_config(corpus), workdir, mesh=_mesh(), log=quiet)
+  assert "no checkpoint in" in str(e.value) and "\n" not in str(e.value)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk full, workdir not writable.
+
+
+def test_disk_full_during_a_save_is_one_error_and_the_previous_checkpoint_survives(
+    corpus, reference, tmp_path, monkeypatch):
+  """keep=1: the save of step 4 dies half-written (ENOSPC). Retention must not have deleted
+  step 2, the error names both steps, and re-running completes the run bitwise."""
+  import orbax.checkpoint as ocp
+  workdir = str(tmp_path / "run")
+  cfg = _config(corpus)
+  cfg.checkpoint.keep = 1
+  real_save = ocp.CheckpointManager.save
+
+  def full_disk(self, step, *args, **kwargs):
+    if step == 4:
+      partial = os.path.join(str(self.directory), "4.orbax-checkpoint-tmp", "params")
+      os.makedirs(partial)
+      open(os.path.join(partial, "half-written"), "wb").write(b"\0" * 100)
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+  with pytest.raises(RunFailure) as e:
+    train_lib.train(cfg, workdir, mesh=_mesh(), log=quiet)
+  message = str(e.value)
+  assert "\n" not in message
+  assert "checkpoint step 4 could not be written" in message and "No space left" in message
+  assert "previous checkpoint (step 2) is intact" in message
+  assert checkpoint_lib.check_step(os.path.join(workdir, "checkpoints"), 2) is None
+  monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+  train_lib.train(cfg, workdir, mesh=_mesh(), log=quiet)
+  assert _losses(workdir) == _losses(reference)
+  _assert_same_params(_params(workdir, cfg)[1], _params(reference, cfg)[1])
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]
+
+
+_FILE_TOO_LARGE = """
+import resource, signal, sys
+from jaxtrain import checkpoint, cli
+real_save = checkpoint.Checkpointer.save
+def save(self, step, *args, **kwargs):
+  if step == 4:  # From here on no file may grow past 1 kB: a real write error, from the OS.
+    self.wait()  # (step 2's async write finishes first)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+  return real_save(self, step, *args, **kwargs)
+checkpoint.Checkpointer.save = save
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _cli_args(corpus, workdir, steps=STEPS):
+  corpus_dir, data_dir = corpus
+  return ["train", f"--workdir={workdir}", f"--config.data.source={corpus_dir}/*.txt",
+          f"--config.data.data_dir={data_dir}", "--config.data.seq_len=16",
+          "--config.model.vocab_size=320", "--config.model.d_model=32", "--config.model.n_layers=2",
+          "--config.model.n_heads=4", "--config.model.n_kv_heads=2", "--config.model.d_ff=64",
+          "--config.model.max_seq_len=32", "--config.model.attention=xla",
+          f"--config.train.steps={steps}", "--config.train.batch_size=8",
+          "--config.train.log_every=1", "--config.train.eval_every=0",
+          "--config.train.eval_batches=2", "--config.train.progress_bar=false",
+          "--config.optimizer.lr=0.01", "--config.optimizer.warmup_steps=2",
+          "--config.checkpoint.every=2", "--config.checkpoint.keep=1"]
+
+
+def test_a_real_write_error_exits_1_with_one_final_line(corpus, reference, tmp_path):
+  """RLIMIT_FSIZE in a subprocess: the OS refuses the writes of step 4's checkpoint (EFBIG)."""
+  workdir = str(tmp_path / "run")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run([sys.executable, "-c", _FILE_TOO_LARGE, *_cli_args(corpus, workdir)],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  # Orbax logs its threads' failures too (absl); ours is the one `error:` line.
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  last = errors[0]
+  assert last.startswith("error: checkpoint step 4 could not be written"), last
+  # (The rest of the line can be interleaved with Orbax's threads' logging: not checked here.)
+  ckpts = os.path.join(workdir, "checkpoints")
+  assert "2" in os.listdir(ckpts) and checkpoint_lib.check_step(ckpts, 2) is None
+  assert checkpoint_lib.Checkpointer(ckpts, read_only=True).valid_steps(warn=None) == [2]
+
+
+def test_unwritable_workdir_is_one_line_and_exit_code_2(corpus, tmp_path, capsys):
+  blocker = tmp_path / "a-file"
+  blocker.write_text("not a directory")
+  code = cli.main(_cli_args(corpus, str(blocker / "run")))
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1, err
+  assert "cannot write in" in err and "a-file" in err
+  if os.geteuid() != 0:  # root writes anywhere: permissions can only be tested as a user.
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert cli.main(_cli_args(corpus, str(locked / "run"))) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite losses.
+
+
+def _poison(monkeypatch, steps):
+  """Make the loss of the given (1-based) training steps NaN, inside the jitted step: each train
+  batch carries a `poison` flag that the loss multiplies in."""
+  calls = {"n": 0}
+  real_to_global = train_lib.to_global
+  real_loss = train_lib.loss_sum_and_count
+
+  def to_global(batch, batch_sharding):
+    if "mask" not in batch and "poison" not in batch:  # A training batch (eval ones have masks).
+      calls["n"] += 1
+      flag = np.float32(np.nan if calls["n"] in steps else 1.0)
+      batch = {**batch, "poison": np.full(np.shape(batch["inputs"]), flag, np.float32)}
+    return real_to_global(batch, batch_sharding)
+
+  def loss(params, graphdef, batch, loss_chunk=0):
+    loss_sum, count = real_loss(params, graphdef, batch, loss_chunk)
+    return (loss_sum * batch["poison"][0, 0] if "poison" in batch else loss_sum), count
+
+  monkeypatch.setattr(train_lib, "to_global", to_global)
+  monkeypatch.setattr(train_lib, "loss_sum_and_count", loss)
+
+
+def test_nonfinite_stop_names_the_step_and_keeps_the_last_finite_checkpoint(
+    corpus, reference, tmp_path, monkeypatch):
+  _poison(monkeypatch, steps={4})
+  workdir = str(tmp_path / "run")
+  with pytest.raises(RunFailure) as e:
+    train_lib.train(_config(corpus), workdir, mesh=_mesh(), log=quiet)
+  message = str(e.value)
+  assert "non-finite loss or gradients at step 4" in message and "\n" not in message
+  assert "last checkpoint (step 2" in message
+  ckpts = os.path.join(workdir, "checkpoints")
+  assert sorted(os.listdir(ckpts)) == ["2"]  # Step 4 was due for a checkpoint: never written.
+  _, params = _params(workdir, _config(corpus))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  _assert_same_params(params, _params(reference, _config(corpus), step=2)[1])
+
+
+def test_nonfinite_skip_drops_the_update_counts_it_and_goes_on(corpus, reference, tmp_path,
+                                                                monkeypatch):
+  _poison(monkeypatch, steps={3, 4})
+  workdir = str(tmp_path / "run")
+  train_lib.train(_config(corpus, on_nonfinite="skip"), workdir, mesh=_mesh(), log=quiet)
+  records = _train_records(workdir)
+  assert [records[s]["nonfinite"] for s in range(1, 7)] == [0, 0, 1, 1, 0, 0]
+  assert records[6]["nonfinite_skipped"] == 2 and np.isfinite(records[6]["loss"])
+  # Steps 3 and 4 changed nothing: the checkpoint of step 4 holds step 2's parameters.
+  _assert_same_params(_params(workdir, _config(corpus), step=4)[1],
+                      _params(reference, _config(corpus), step=2)[1])
+
+
+def test_a_diverging_learning_rate_stops_the_run_in_both_modes(corpus, tmp_path):
+  cfg = _config(corpus, steps=8, max_nonfinite_in_a_row=3)
+  cfg.optimizer.lr = 1e8
+  cfg.checkpoint.every = 1
+  with pytest.raises(RunFailure, match=r"non-finite loss or gradients at step \d+") as e:
+    train_lib.train(cfg, str(tmp_path / "stop"), mesh=_mesh(), log=quiet)
+  bad_step = int(str(e.value).split("at step ")[1].split()[0])
+  saved = checkpoint_lib.Checkpointer(str(tmp_path / "stop" / "checkpoints"), read_only=True)
+  assert max(saved.all_steps()) == bad_step - 1
+  cfg.train.on_nonfinite = "skip"
+  with pytest.raises(RunFailure, match="3 non-finite steps in a row"):
+    train_lib.train(cfg, str(tmp_path / "skip"), mesh=_mesh(), log=quiet)
+
+
+def test_the_cli_turns_a_run_failure_into_exit_code_1_and_one_line(monkeypatch, capsys):
+  import jaxtrain
+
+  def fail(cfg, workdir):
+    raise RunFailure("non-finite loss or gradients at step 7 (loss=nan); stopped")
+
+  monkeypatch.setattr(jaxtrain, "train", fail)
+  assert cli.main(["train", "--config.train.steps=1"]) == 1
+  err = capsys.readouterr().err.strip()
+  assert err == "error: non-finite loss or gradients at step 7 (loss=nan); stopped"
+
+
+def test_nonfinite_config_keys_are_validated():
+  from jaxtrain import config as config_lib
+  cfg = config_lib.base_config()
+  cfg.train.on_nonfinite = "ignore"
+  with pytest.raises(UserError, match="train.on_nonfinite"):
+    config_lib.validate(cfg)
+  cfg.train.on_nonfinite = "skip"
+  cfg.train.max_nonfinite_in_a_row = 0
+  with pytest.raises(UserError, match="train.max_nonfinite_in_a_row"):
+    config_lib.validate(cfg)
