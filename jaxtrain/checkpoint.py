@@ -6,6 +6,8 @@ take explicit target shardings (abstract arrays carrying a `sharding`), so a che
 on one mesh loads onto any other mesh or device count (orbax#648, #683).
 """
 
+import glob
+import json
 import os
 
 import jax
@@ -55,10 +57,21 @@ class Checkpointer:
     items = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
     if abstract_opt_state is not None and "opt_state" in self.items(step):
       items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    data_state = None
     if data_iterator is not None and "data" in self.items(step):
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      data_dir = os.path.join(self.directory, str(step), "data")
+      own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+      if os.path.exists(own):
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      else:  # Written by another process count: the state is global (the same in every file).
+        with open(sorted(glob.glob(os.path.join(data_dir, "process_0-of-*.json")))[0]) as f:
+          data_state = json.load(f)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return {k: restored[k] for k in items}
+    out = {k: restored[k] for k in items}
+    if data_state is not None:
+      data_iterator.set_state(data_state)
+      out["data"] = data_iterator
+    return out
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -86,6 +86,8 @@ def cmd_train(argv):
   """Train a model, or resume it: the same command on the same workdir continues.
 
   usage: jaxtrain train [--config=FILE[:ARG]] [--config.KEY=VALUE ...] [--workdir=DIR]
+                        [--coordinator=HOST:PORT --num-processes=N --process-id=I]
+                        [--local-device-ids=0,1,...]
          jaxtrain [--config=...] ...          (train is the verb when none is given)
 
   flags:
@@ -95,18 +97,33 @@ def cmd_train(argv):
                          (every key: docs/configuration.md)
     --workdir=DIR        run directory: config.json, metrics.jsonl, loss.png, checkpoints/
                          (default runs/default)
+    --coordinator=HOST:PORT  several processes: process 0's address, the same for all
+                         (= --config.distributed.coordinator; under SLURM or Open MPI JAX reads
+                         the cluster's variables instead: docs/scaling.md)
+    --num-processes=N    processes in the job (= distributed.num_processes)
+    --process-id=I       this process's index, 0 .. N-1 (= distributed.process_id)
+    --local-device-ids=L devices this process drives, e.g. 0,1,2,3 for one process per node
+                         (= distributed.local_device_ids; default all it sees)
 
   examples:
     jaxtrain train
     jaxtrain train --config=configs/llama.py:35m --config.optimizer.name=muon --workdir=runs/35m
     jaxtrain train --config=configs/llama.py:125m,h100 --workdir=runs/125m
+    jaxtrain train --coordinator=10.0.0.1:1234 --num-processes=2 --process-id=0 --workdir=runs/x
 
-  exit codes: 0 trained to train.steps; 1 preempted (SIGTERM: a checkpoint was saved, re-run the
-  same command to resume) or another failure; 2 bad config, data or arguments (one line on stderr)
+  exit codes: 0 trained to train.steps; 1 preempted (SIGTERM to any process: every process saved
+  the same step, re-run the same command to resume), a process died (the others exit within
+  distributed.peer_timeout) or another failure; 2 bad config, data or arguments (one line on
+  stderr)
   """
   import jaxtrain  # pylint: disable=import-outside-toplevel
-  args = Args(argv, flags=("workdir",))
+  dist_flags = ("coordinator", "num_processes", "process_id", "local_device_ids")
+  args = Args(argv, flags=("workdir",) + dist_flags)
   cfg = args.load_config()
+  for name in dist_flags:  # The flags are shorthands for distributed.* keys.
+    if name in args.flags:
+      from jaxtrain import config as config_lib  # pylint: disable=import-outside-toplevel
+      config_lib.apply_override(cfg, f"distributed.{name}", args.flags[name])
   workdir = args.flags.get("workdir", os.path.join("runs", "default"))
   record = jaxtrain.train(cfg, workdir)
   keys = ("step", "loss", "eval_loss", "bits_per_byte", "tokens_per_sec", "mfu")

@@ -23,7 +23,7 @@ HARDWARE = ("", "cpu", "a40", "a100", "h100", "h200")
 
 def base_config() -> ml_collections.ConfigDict:
   """Every key with its default. Config files start from this."""
-  from jaxtrain import data, model, optim  # pylint: disable=import-outside-toplevel
+  from jaxtrain import data, distributed, model, optim  # pylint: disable=import-outside-toplevel
   cfg = ml_collections.ConfigDict()
   cfg.model = ml_collections.ConfigDict(dataclasses.asdict(model.ModelConfig()))
   cfg.data = data.default_config()
@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
       keep=2,  # Checkpoints kept; older ones are deleted.
       async_save=True,  # Write checkpoints in the background while training goes on.
   ))
+  cfg.distributed = distributed.default_config()  # Several processes: docs/scaling.md.
   return cfg
 
 
@@ -189,8 +190,9 @@ def resolve(cfg, num_devices):
 
 def validate(cfg, num_devices=None):
   """Check every value; returns the ModelConfig. Errors are one line naming the key."""
-  from jaxtrain import data, model, optim, sharding  # pylint: disable=import-outside-toplevel
+  from jaxtrain import data, distributed, model, optim, sharding  # pylint: disable=import-outside-toplevel
   _check_known_keys(cfg, base_config())
+  distributed.validate_config(cfg.distributed)
   model_cfg = model.ModelConfig.from_config(cfg.model)
   data.validate_config(cfg.data)
   optim.validate_config(cfg.optimizer)

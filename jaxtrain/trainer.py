@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxtrain import checkpoint as checkpoint_lib
 from jaxtrain import config as config_lib
+from jaxtrain import distributed
 from jaxtrain import hardware, metrics as metrics_lib, model as model_lib, ops, optim, sharding
 from jaxtrain.errors import UserError
 
@@ -329,12 +330,27 @@ class Preempted(Exception):
 
 
 class _SigtermFlag:
+  """`stop(step)`: whether to save and exit after `step` because of a SIGTERM.
 
-  def __init__(self):
+  Alone, a Python handler sets a flag. With several processes a SIGTERM usually reaches one of
+  them, and one that stops alone leaves the others waiting in the next collective forever: then
+  JAX's preemption service (which owns SIGTERM; no Python handler is installed) tells every
+  process, and `reached_preemption_sync_point` is true at the same step on all of them.
+  """
+
+  def __init__(self, coordinated=False):
     self.raised = False
     self._previous = None
+    self._coordinated = coordinated
+
+  def stop(self, step):
+    if self._coordinated:
+      self.raised = self.raised or distributed.preemption_sync_point(step)
+    return self.raised
 
   def __enter__(self):
+    if self._coordinated:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread (e.g. a notebook worker): no preemption handling.
@@ -364,6 +380,7 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
   would; tests use it to check that resuming reproduces an uninterrupted run exactly.
   """
   from jaxtrain import data  # pylint: disable=import-outside-toplevel
+  distributed.initialize(config.distributed)  # Before anything asks JAX for its devices.
   s = make_setup(config, mesh)
   cfg = s.config
   is_main = jax.process_index() == 0
@@ -373,8 +390,16 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
       f.write(config_lib.to_json(cfg))
 
   vocab = s.model_config.vocab_size
-  tokenizer = data.load_tokenizer(cfg.data, vocab, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+
+  def prepare():  # Process 0 first; the others wait at a barrier, then read (distributed.once).
+    t0, cached = time.time(), data.is_prepared(cfg.data, vocab)
+    tok = data.load_tokenizer(cfg.data, vocab, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    if not cached:
+      log(f"process {jax.process_index()}: prepared data in {time.time() - t0:.1f}s")
+    return tok
+
+  tokenizer = distributed.once(prepare)
   if is_main:
     tokenizer.save(os.path.join(workdir, "tokenizer"))
   dp_size = sharding.data_parallel_size(s.mesh)
@@ -382,6 +407,7 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
   train_iter = data.train_iterator(cfg.data, vocab, per_process_batch, seed=cfg.train.seed)
   eval_batch = cfg.train.batch_size // cfg.train.microbatches
   del dp_size
+  distributed.check_batch_rows(s.batch_sharding, cfg.train.batch_size)
 
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                      async_save=cfg.checkpoint.async_save)
@@ -394,7 +420,8 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
     state = TrainState(jax.device_put(jnp.int32(restored["meta"]["step"]),
                                       s.state_shardings.step),
                        restored["params"], opt_state)
-    log(f"resumed from {ckpt.directory}/{latest}")
+    if is_main:
+      log(f"resumed from {ckpt.directory}/{latest}")
   else:
     state = s.init(cfg.train.seed)
   start = int(jax.device_get(state.step))
@@ -464,7 +491,7 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
     return record
 
   try:
-    with _SigtermFlag() as sigterm, jax.set_mesh(s.mesh):
+    with _SigtermFlag(distributed.coordinated()) as sigterm, jax.set_mesh(s.mesh):
       step = start
       while step < last_step:
         batch = to_global(next(train_iter), s.batch_sharding)
@@ -492,7 +519,7 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
           if do_save:
             save(step)
           clock = (step, time.time())  # Evaluation and saving are not training throughput.
-        if sigterm.raised:
+        if sigterm.stop(step):
           if pending is not None:
             last_record = flush(pending)
             pending = None
@@ -509,6 +536,7 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
     if hasattr(train_iter, "close"):  # Grain worker processes, when data.worker_count > 0.
       train_iter.close()
     ckpt.close()
+    distributed.stop_watchdog()  # The loop is over: processes may now finish at their own pace.
     writer.close()
   if is_main and step == steps:
     metrics_lib.plot_loss_curve(workdir)
