@@ -47,6 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
       data=-1,  # Data-parallel size (-1: the devices the other axes leave).
       fsdp=1,  # Parameters, gradients and optimizer state sharded over this many devices.
       tensor=1,  # Tensor parallelism: heads, MLP width and vocabulary split.
+      # Multi-node jobs: the part of mesh.data that crosses nodes (-1: every node). Each mesh.X
+      # is the whole axis; mesh.dcn_X of it goes across nodes, the rest within a node.
+      dcn_data=-1,
+      dcn_fsdp=1,  # Part of mesh.fsdp across nodes (1: FSDP stays inside a node).
+      dcn_tensor=1,  # Part of mesh.tensor across nodes (1: tensor parallelism inside a node).
   ))
   cfg.checkpoint = ml_collections.ConfigDict(dict(
       every=500,  # Steps between checkpoints (one is also saved at the end and on SIGTERM).
@@ -193,6 +198,7 @@ def validate(cfg, num_devices=None):
   from jaxtrain import data, distributed, model, optim, sharding  # pylint: disable=import-outside-toplevel
   _check_known_keys(cfg, base_config())
   distributed.validate_config(cfg.distributed)
+  sharding.dcn_shape(cfg.mesh, None)
   model_cfg = model.ModelConfig.from_config(cfg.model)
   data.validate_config(cfg.data)
   optim.validate_config(cfg.optimizer)

@@ -19,14 +19,19 @@
   node, building it once per node: store.prepare serialises the processes of one machine).
 """
 
+import math
 import os
+import socket
 import sys
 import threading
 import time
+import zlib
 
 import jax
 import ml_collections
+import numpy as np
 
+from jaxtrain import sharding
 from jaxtrain.errors import UserError
 
 # Cluster variables under which `distributed.auto` starts jax.distributed with no arguments.
@@ -35,19 +40,20 @@ _ALIVE = "jaxtrain/alive/"
 
 
 def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      coordinator="",  # HOST:PORT of process 0 (--coordinator); "" with num_processes=0: alone.
-      num_processes=0,  # Processes in the job (--num-processes); 0: one, or the cluster's count.
-      process_id=-1,  # This process's index, 0 .. num_processes-1 (--process-id).
-      # Local devices this process drives, e.g. "0,1,2,3" (--local-device-ids; "" = all visible).
-      local_device_ids="",
-      auto=True,  # Under SLURM / Open MPI with several tasks: let JAX read the cluster's variables.
-      init_timeout=300,  # Seconds to wait for every process to join before failing.
-      # Seconds without a sign of life from a process (killed, hung, unreachable) after which the
-      # others exit with an error (code 1) instead of waiting in a collective forever.
-      peer_timeout=120,
-      cpu_collectives="gloo",  # CPU collectives across processes: gloo (or mpi, with an MPI).
-  ))
+  """Defaults for `distributed.*` (one process unless flags or a cluster say otherwise)."""
+  cfg = ml_collections.ConfigDict()
+  cfg.coordinator = ""  # HOST:PORT of process 0, the same for all (--coordinator); "" = alone.
+  cfg.num_processes = 0  # Processes in the job (--num-processes); 0: one, or the cluster's.
+  cfg.process_id = -1  # This process's index, 0 .. num_processes-1 (--process-id).
+  # Local devices this process drives, e.g. "0,1,2,3" (--local-device-ids; "" = all visible).
+  cfg.local_device_ids = ""
+  cfg.auto = True  # Under SLURM / Open MPI with several tasks: JAX reads the cluster's variables.
+  cfg.init_timeout = 300  # Seconds to wait for every process to join before failing.
+  # Seconds without a sign of life from a process (killed, hung, unreachable) after which the
+  # others exit with an error (code 1) instead of waiting in a collective forever.
+  cfg.peer_timeout = 120
+  cfg.cpu_collectives = "gloo"  # CPU collectives across processes: gloo (or mpi, with an MPI).
+  return cfg
 
 
 def _int(key, value, minimum):
@@ -205,6 +211,57 @@ class Watchdog(threading.Thread):
       for p in range(self._count):
         if p != self._me and p not in seen and now - start > self._timeout:
           self._fail(f"process {p} of {self._count} never reported")
+
+
+def node_of_process():
+  """[node index of process p]: processes on one host (same hostname) share a node."""
+  if jax.process_count() == 1:
+    return [0]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  mine = np.int64(zlib.crc32(socket.gethostname().encode()))
+  hosts = [int(h) for h in np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)]
+  first = {}
+  return [first.setdefault(h, len(first)) for h in hosts]
+
+
+def hybrid_devices(devices, node_of_device, shape, dcn):
+  """Devices in mesh order for a mesh of `shape` whose axes cross nodes `dcn` times each.
+
+  Each node's devices form the within-node (ICI) mesh, shape // dcn, and the nodes tile the
+  across-node (DCN) grid: along every axis, index = node coordinate * ici size + local index,
+  which is the layout of `mesh_utils.create_hybrid_device_mesh` with nodes as granules (that
+  function takes processes as granules; a node may run one process per GPU)."""
+  ici = tuple(s // d for s, d in zip(shape, dcn))
+  nodes = {}
+  for device, node in zip(devices, node_of_device):
+    nodes.setdefault(node, []).append(device)
+  groups = [sorted(nodes[k], key=lambda d: (d.process_index, d.id)) for k in sorted(nodes)]
+  per_node = math.prod(ici)
+  if len(groups) != math.prod(dcn) or any(len(g) != per_node for g in groups):
+    raise UserError(f"mesh: {len(groups)} nodes with {sorted(set(map(len, groups)))} devices "
+                    f"each do not form mesh.dcn_* = {dcn} x within-node {ici}")
+  grid = np.empty((len(groups), per_node), dtype=object)
+  for k, group in enumerate(groups):
+    grid[k, :] = group
+  grid = grid.reshape(tuple(dcn) + ici)  # (dcn axes..., ici axes...)
+  n = len(shape)
+  order = [i for pair in zip(range(n), range(n, 2 * n)) for i in pair]
+  return grid.transpose(order).reshape(shape)
+
+
+def make_mesh(mesh_cfg):
+  """The training mesh over every device of the job: flat on one node; across several nodes a
+  hybrid mesh, `mesh.dcn_*` of each axis across nodes (default: data parallelism across nodes,
+  FSDP and tensor parallelism inside a node, where the network is fast)."""
+  shape = sharding.mesh_shape(mesh_cfg, jax.device_count())
+  nodes = node_of_process()
+  num_nodes = len(set(nodes))
+  if num_nodes == 1:
+    return sharding.make_mesh(mesh_cfg)
+  dcn, _ = sharding.dcn_shape(mesh_cfg, num_nodes, shape)
+  devices = jax.devices()
+  ordered = hybrid_devices(devices, [nodes[d.process_index] for d in devices], shape, dcn)
+  return sharding.make_mesh(mesh_cfg, list(ordered.reshape(-1)))
 
 
 def once(fn, name="data"):

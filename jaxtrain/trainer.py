@@ -213,7 +213,7 @@ def make_setup(config, mesh=None, *, unroll_loops=False) -> Setup:
   """
   config = config_lib.resolve(config, jax.device_count() if mesh is None else mesh.size)
   model_cfg = config_lib.validate(config, jax.device_count() if mesh is None else mesh.size)
-  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+  mesh = mesh if mesh is not None else distributed.make_mesh(config.mesh)
   abstract = model_lib.abstract_model(model_cfg)
   graphdef, abstract_params = model_lib.params_of(abstract)
   axes = model_lib.logical_axes(abstract)

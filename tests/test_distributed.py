@@ -216,3 +216,44 @@ def test_a_killed_process_makes_the_other_exit_with_an_error(config_file, preemp
   assert "error: process 1 of 2 stopped responding" in out, out[-3000:]
   assert seconds < 5 + 15, seconds
   print(f"kill -9 of process 1: process 0 exited (code 1) after {seconds:.1f}s")
+
+
+def test_hybrid_mesh_keeps_fsdp_inside_a_node_and_data_across_nodes():
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxtrain import config as config_lib, distributed, sharding  # pylint: disable=import-outside-toplevel
+  from jaxtrain.errors import UserError  # pylint: disable=import-outside-toplevel
+  devices = jax.devices()[:8]
+  node = [d.id // 4 for d in devices]  # two nodes of four devices
+  cfg = config_lib.base_config().mesh
+  cfg.update(data=2, fsdp=4)
+  shape = sharding.mesh_shape(cfg, 8)
+  dcn, ici = sharding.dcn_shape(cfg, 2, shape)
+  assert (dcn, ici) == ((2, 1, 1), (1, 4, 1))
+  grid = distributed.hybrid_devices(devices, node, shape, dcn)
+  for i in range(2):  # every fsdp group is one node; the data axis crosses nodes
+    assert {node[d.id] for d in grid[i, :, 0]} == {i}
+  cfg.update(data=4, fsdp=2)  # data across and inside nodes
+  grid = distributed.hybrid_devices(devices, node, sharding.mesh_shape(cfg, 8), (2, 1, 1))
+  assert [node[d.id] for d in grid[:, 0, 0]] == [0, 0, 1, 1]
+  cfg.update(data=1, fsdp=8)  # FSDP over 8 devices cannot stay inside 4-device nodes
+  with pytest.raises(UserError, match="mesh.data=1 is not divisible by mesh.dcn_data=2"):
+    sharding.dcn_shape(cfg, 2, sharding.mesh_shape(cfg, 8))
+  cfg.update(dcn_data=1, dcn_fsdp=2)  # ...unless the user says so
+  grid = distributed.hybrid_devices(devices, node, sharding.mesh_shape(cfg, 8),
+                                    sharding.dcn_shape(cfg, 2, (1, 8, 1))[0])
+  assert [node[d.id] for d in grid[0, :, 0]] == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--coordinator=nohost", "--num-processes=2", "--process-id=0"], "--coordinator"),
+    (["--coordinator=127.0.0.1:1", "--num-processes=2", "--process-id=2"], "--process-id=2"),
+    (["--coordinator=127.0.0.1:1", "--process-id=0"], "--num-processes"),
+    (["--local-device-ids=0,x"], "distributed.local_device_ids"),
+    (["--num-processes=two"], "distributed.num_processes"),
+    (["--config.mesh.dcn_fsdp=0"], "mesh.dcn_fsdp"),
+])
+def test_bad_distributed_flags_are_one_line_and_exit_code_2(flags, culprit, capsys, tmp_path):
+  from jaxtrain import cli  # pylint: disable=import-outside-toplevel
+  code = cli.main(["train", f"--workdir={tmp_path}/w", *flags])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and culprit in err and len(err.splitlines()) == 1, err
