@@ -126,6 +126,9 @@ def cmd_train(argv):
       config_lib.apply_override(cfg, f"distributed.{name}", args.flags[name])
   workdir = args.flags.get("workdir", os.path.join("runs", "default"))
   record = jaxtrain.train(cfg, workdir)
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index():  # Several processes: process 0 reports for the job.
+    return
   keys = ("step", "loss", "eval_loss", "bits_per_byte", "tokens_per_sec", "mfu")
   print("done: " + ", ".join(f"{k}={record[k]:.4g}" if isinstance(record.get(k), float)
                              else f"{k}={record.get(k)}" for k in keys if k in record))
