@@ -173,7 +173,7 @@ def cmd_info(argv):
   """Parameters, FLOPs per token and memory of a config, computed abstractly (instant).
 
   usage: jaxtrain info [--config=FILE[:ARG]] [--config.KEY=VALUE ...] [--routing]
-         jaxtrain info [--config=...] --plan [--devices=N] [--json] [--mfu=0.4]
+         jaxtrain info [--config=...] --plan [--devices=N] [--nodes=K] [--json] [--mfu=0.4]
 
   flags:
     --config=FILE[:ARG]  config file (default configs/default.py)
@@ -183,6 +183,8 @@ def cmd_info(argv):
                          print XLA's per-device memory and FLOPs against the target's memory
                          (train.hardware, else this machine's GPU)
     --devices=N          plan for N devices (fake CPU devices in a subprocess if fewer are here)
+    --nodes=K            the N devices are on K nodes: also print which part of each mesh axis
+                         crosses nodes (mesh.dcn_*; docs/scaling.md)
     --json               the plan as JSON (the dict jaxtrain.plan returns)
     --mfu=F              the MFU the plan's step time assumes (default 0.4)
 
@@ -194,7 +196,7 @@ def cmd_info(argv):
   exit codes: 0 printed; 2 bad config (one line on stderr); 1 other failure
   """
   from jaxtrain import info  # pylint: disable=import-outside-toplevel
-  args = Args(argv, flags=("routing", "plan", "devices", "json", "mfu"))
+  args = Args(argv, flags=("routing", "plan", "devices", "nodes", "json", "mfu"))
   cfg = args.load_config()
   if args.flags.get("plan", "false") == "false":
     print(info.describe(cfg, routing=args.flags.get("routing", "false") != "false"))
@@ -202,7 +204,8 @@ def cmd_info(argv):
   from jaxtrain import planner as plan_lib  # pylint: disable=import-outside-toplevel
   devices = _int_flag(args, "devices") if "devices" in args.flags else None
   mfu = _float_flag(args, "mfu") if "mfu" in args.flags else 0.4
-  result = plan_lib.plan(cfg, devices=devices, mfu=mfu)
+  nodes = _int_flag(args, "nodes") if "nodes" in args.flags else 1
+  result = plan_lib.plan(cfg, devices=devices, mfu=mfu, nodes=nodes)
   if args.flags.get("json", "false") != "false":
     print(json.dumps(result, indent=2))
   else:

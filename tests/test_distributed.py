@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 16  # Every run has the same train.steps, so the lr schedule is the same in all of them.
+STEPS = 40  # Every run has the same train.steps, so the lr schedule is the same in all of them.
 TIMEOUT = 240  # Seconds any launch may take before the test fails (instead of hanging CI).
 
 CONFIG = '''"""Tiny LLaMA for tests/test_distributed.py."""
@@ -257,3 +257,20 @@ def test_bad_distributed_flags_are_one_line_and_exit_code_2(flags, culprit, caps
   code = cli.main(["train", f"--workdir={tmp_path}/w", *flags])
   err = capsys.readouterr().err.strip()
   assert code == 2 and culprit in err and len(err.splitlines()) == 1, err
+
+
+def test_the_planner_prints_the_hybrid_split():
+  from jaxtrain import config as config_lib, planner  # pylint: disable=import-outside-toplevel
+  from jaxtrain.errors import UserError  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.base_config()
+  cfg.model.update(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                   max_seq_len=32, attention="xla")
+  cfg.data.seq_len = 16
+  cfg.train.batch_size = 8
+  cfg.mesh.update(data=2, fsdp=4)
+  with pytest.raises(UserError, match="--nodes=3"):
+    planner.plan(cfg, devices=8, nodes=3)
+  result = planner.plan(cfg, devices=8, nodes=2, flops=False)
+  assert result["mesh_across_nodes"] == {"data": 2, "fsdp": 1, "tensor": 1}
+  assert result["mesh_within_node"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert "hybrid mesh on 2 nodes" in planner.format_plan(result)
