@@ -165,7 +165,7 @@ class Watchdog(threading.Thread):
     super().__init__(name="jaxtrain-peer-watchdog", daemon=True)
     from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
     self._client = jax_distributed.global_state.client  # the only handle on the key-value store
-    self._timeout = timeout
+    self.timeout = self._timeout = timeout
     self._interval = min(interval, timeout / 4)
     self._stop = threading.Event()
     self._me = jax.process_index()
@@ -262,6 +262,18 @@ def make_mesh(mesh_cfg):
   devices = jax.devices()
   ordered = hybrid_devices(devices, [nodes[d.process_index] for d in devices], shape, dcn)
   return sharding.make_mesh(mesh_cfg, list(ordered.reshape(-1)))
+
+
+def exit_on_error(exc):
+  """An unexpected error in a job of several processes: most often a collective failed because a
+  peer died. Give the watchdog its timeout to name the dead process (it exits), else print the
+  error; exit 1 either way, skipping JAX's shutdown barrier, which would wait for the dead."""
+  if _watchdog is not None:
+    _watchdog.join(_watchdog.timeout + 2)
+  first = (str(exc).strip().splitlines() or [""])[0][:300]
+  print(f"error: {type(exc).__name__}: {first} (process {jax.process_index()} of "
+        f"{jax.process_count()})", file=sys.stderr, flush=True)
+  os._exit(1)  # pylint: disable=protected-access
 
 
 def once(fn, name="data"):

@@ -530,6 +530,10 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
                           f"{ckpt.directory}; re-run the same command to resume")
       if pending is not None:
         last_record = flush(pending)
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.process_count() > 1 and not isinstance(e, (Preempted, UserError)):
+      distributed.exit_on_error(e)  # A peer probably died: never wait for it (exits 1).
+    raise
   finally:
     if bar is not None:
       bar.close()
