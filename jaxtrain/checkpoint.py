@@ -13,6 +13,7 @@ naming every step passed over. Invalid steps are moved to `checkpoints.invalid/`
 retention (which deletes old steps only after a new one is finalized) never counts them as kept.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -218,10 +219,21 @@ class Checkpointer:
     items = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
     if abstract_opt_state is not None and "opt_state" in self.items(step):
       items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    data_state = None
     if data_iterator is not None and "data" in self.items(step):
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      data_dir = os.path.join(self.directory, str(step), "data")
+      own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+      if os.path.exists(own):
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      else:  # Written by another process count: the state is global (the same in every file).
+        with open(sorted(glob.glob(os.path.join(data_dir, "process_0-of-*.json")))[0]) as f:
+          data_state = json.load(f)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return {k: restored[k] for k in items}
+    out = {k: restored[k] for k in items}
+    if data_state is not None:
+      data_iterator.set_state(data_state)
+      out["data"] = data_iterator
+    return out
 
   def wait(self):
     with self._write_errors():

@@ -89,6 +89,8 @@ def cmd_train(argv):
   """Train a model, or resume it: the same command on the same workdir continues.
 
   usage: jaxtrain train [--config=FILE[:ARG]] [--config.KEY=VALUE ...] [--workdir=DIR]
+                        [--coordinator=HOST:PORT --num-processes=N --process-id=I]
+                        [--local-device-ids=0,1,...]
          jaxtrain [--config=...] ...          (train is the verb when none is given)
 
   flags:
@@ -98,22 +100,39 @@ def cmd_train(argv):
                          (every key: docs/configuration.md)
     --workdir=DIR        run directory: config.json, metrics.jsonl, loss.png, checkpoints/
                          (default runs/default)
+    --coordinator=HOST:PORT  several processes: process 0's address, the same for all
+                         (= --config.distributed.coordinator; under SLURM or Open MPI JAX reads
+                         the cluster's variables instead: docs/scaling.md)
+    --num-processes=N    processes in the job (= distributed.num_processes)
+    --process-id=I       this process's index, 0 .. N-1 (= distributed.process_id)
+    --local-device-ids=L devices this process drives, e.g. 0,1,2,3 for one process per node
+                         (= distributed.local_device_ids; default all it sees)
 
   examples:
     jaxtrain train
     jaxtrain train --config=configs/llama.py:35m --config.optimizer.name=muon --workdir=runs/35m
     jaxtrain train --config=configs/llama.py:125m,h100 --workdir=runs/125m
+    jaxtrain train --coordinator=10.0.0.1:1234 --num-processes=2 --process-id=0 --workdir=runs/x
 
-  exit codes: 0 trained to train.steps; 1 preempted (SIGTERM: a checkpoint was saved, re-run the
-  same command to resume), a non-finite loss (train.on_nonfinite), a checkpoint that could not be
-  written (disk full) or another failure; 2 bad config, data or arguments, or a workdir that is
+  exit codes: 0 trained to train.steps; 1 preempted (SIGTERM to any process: every process saved
+  the same step, re-run the same command to resume), a process died (the others exit within
+  distributed.peer_timeout), a non-finite loss (train.on_nonfinite), a checkpoint that could not
+  be written (disk full) or another failure; 2 bad config, data or arguments, or a workdir that is
   not writable (one line on stderr)
   """
   import jaxtrain  # pylint: disable=import-outside-toplevel
-  args = Args(argv, flags=("workdir",))
+  dist_flags = ("coordinator", "num_processes", "process_id", "local_device_ids")
+  args = Args(argv, flags=("workdir",) + dist_flags)
   cfg = args.load_config()
+  for name in dist_flags:  # The flags are shorthands for distributed.* keys.
+    if name in args.flags:
+      from jaxtrain import config as config_lib  # pylint: disable=import-outside-toplevel
+      config_lib.apply_override(cfg, f"distributed.{name}", args.flags[name])
   workdir = args.flags.get("workdir", os.path.join("runs", "default"))
   record = jaxtrain.train(cfg, workdir)
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index():  # Several processes: process 0 reports for the job.
+    return
   keys = ("step", "loss", "eval_loss", "bits_per_byte", "tokens_per_sec", "mfu")
   print("done: " + ", ".join(f"{k}={record[k]:.4g}" if isinstance(record.get(k), float)
                              else f"{k}={record.get(k)}" for k in keys if k in record))
@@ -158,7 +177,7 @@ def cmd_info(argv):
   """Parameters, FLOPs per token and memory of a config, computed abstractly (instant).
 
   usage: jaxtrain info [--config=FILE[:ARG]] [--config.KEY=VALUE ...] [--routing]
-         jaxtrain info [--config=...] --plan [--devices=N] [--json] [--mfu=0.4]
+         jaxtrain info [--config=...] --plan [--devices=N] [--nodes=K] [--json] [--mfu=0.4]
 
   flags:
     --config=FILE[:ARG]  config file (default configs/default.py)
@@ -168,6 +187,8 @@ def cmd_info(argv):
                          print XLA's per-device memory and FLOPs against the target's memory
                          (train.hardware, else this machine's GPU)
     --devices=N          plan for N devices (fake CPU devices in a subprocess if fewer are here)
+    --nodes=K            the N devices are on K nodes: also print which part of each mesh axis
+                         crosses nodes (mesh.dcn_*; docs/scaling.md)
     --json               the plan as JSON (the dict jaxtrain.plan returns)
     --mfu=F              the MFU the plan's step time assumes (default 0.4)
 
@@ -179,7 +200,7 @@ def cmd_info(argv):
   exit codes: 0 printed; 2 bad config (one line on stderr); 1 other failure
   """
   from jaxtrain import info  # pylint: disable=import-outside-toplevel
-  args = Args(argv, flags=("routing", "plan", "devices", "json", "mfu"))
+  args = Args(argv, flags=("routing", "plan", "devices", "nodes", "json", "mfu"))
   cfg = args.load_config()
   if args.flags.get("plan", "false") == "false":
     print(info.describe(cfg, routing=args.flags.get("routing", "false") != "false"))
@@ -187,7 +208,8 @@ def cmd_info(argv):
   from jaxtrain import planner as plan_lib  # pylint: disable=import-outside-toplevel
   devices = _number(args, "devices", int, None)
   mfu = _number(args, "mfu", float, 0.4)
-  result = plan_lib.plan(cfg, devices=devices, mfu=mfu)
+  nodes = _number(args, "nodes", int, 1)
+  result = plan_lib.plan(cfg, devices=devices, mfu=mfu, nodes=nodes)
   if args.flags.get("json", "false") != "false":
     print(json.dumps(result, indent=2))
   else:

@@ -23,7 +23,7 @@ HARDWARE = ("", "cpu", "a40", "a100", "h100", "h200")
 
 def base_config() -> ml_collections.ConfigDict:
   """Every key with its default. Config files start from this."""
-  from jaxtrain import data, model, optim  # pylint: disable=import-outside-toplevel
+  from jaxtrain import data, distributed, model, optim  # pylint: disable=import-outside-toplevel
   cfg = ml_collections.ConfigDict()
   cfg.model = ml_collections.ConfigDict(dataclasses.asdict(model.ModelConfig()))
   cfg.data = data.default_config()
@@ -52,12 +52,18 @@ def base_config() -> ml_collections.ConfigDict:
       data=-1,  # Data-parallel size (-1: the devices the other axes leave).
       fsdp=1,  # Parameters, gradients and optimizer state sharded over this many devices.
       tensor=1,  # Tensor parallelism: heads, MLP width and vocabulary split.
+      # Multi-node jobs: the part of mesh.data that crosses nodes (-1: every node). Each mesh.X
+      # is the whole axis; mesh.dcn_X of it goes across nodes, the rest within a node.
+      dcn_data=-1,
+      dcn_fsdp=1,  # Part of mesh.fsdp across nodes (1: FSDP stays inside a node).
+      dcn_tensor=1,  # Part of mesh.tensor across nodes (1: tensor parallelism inside a node).
   ))
   cfg.checkpoint = ml_collections.ConfigDict(dict(
       every=500,  # Steps between checkpoints (one is also saved at the end and on SIGTERM).
       keep=2,  # Checkpoints kept; older ones are deleted.
       async_save=True,  # Write checkpoints in the background while training goes on.
   ))
+  cfg.distributed = distributed.default_config()  # Several processes: docs/scaling.md.
   return cfg
 
 
@@ -200,8 +206,10 @@ def resolve(cfg, num_devices):
 
 def validate(cfg, num_devices=None):
   """Check every value; returns the ModelConfig. Errors are one line naming the key."""
-  from jaxtrain import data, model, optim, sharding  # pylint: disable=import-outside-toplevel
+  from jaxtrain import data, distributed, model, optim, sharding  # pylint: disable=import-outside-toplevel
   _check_known_keys(cfg, base_config())
+  distributed.validate_config(cfg.distributed)
+  sharding.dcn_shape(cfg.mesh, None)
   model_cfg = model.ModelConfig.from_config(cfg.model)
   data.validate_config(cfg.data)
   optim.validate_config(cfg.optimizer)

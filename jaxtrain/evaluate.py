@@ -13,7 +13,7 @@ import jax
 from flax import nnx
 
 from jaxtrain import checkpoint as checkpoint_lib
-from jaxtrain import config as config_lib, model as model_lib
+from jaxtrain import config as config_lib, model as model_lib, sharding
 from jaxtrain.errors import UserError
 
 
@@ -85,10 +85,14 @@ def load_model(path, step=None):
   else:
     cfg = _workdir_config(path)
     model_cfg = model_lib.ModelConfig.from_config(cfg.model)
-    graphdef, abstract_params = model_lib.params_of(model_lib.abstract_model(model_cfg))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = model_lib.abstract_model(model_cfg)
+    graphdef, abstract_params = model_lib.params_of(abstract)
+    # Sharded (FSDP) over this process's devices, read straight into place: a model larger than
+    # one device's memory loads, and no device holds a copy of every parameter.
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.local_devices())
     target = checkpoint_lib.abstract_with_shardings(
-        abstract_params, jax.tree.map(lambda _: device, abstract_params))
+        abstract_params, sharding.param_shardings(model_lib.logical_axes(abstract),
+                                                  abstract_params, mesh))
     _, params = load_params(path, target, step)
     model = nnx.merge(graphdef, params)
     tokenizer_dir = os.path.join(path, "tokenizer")

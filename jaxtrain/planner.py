@@ -157,14 +157,16 @@ def plan_here(config, devices, mfu=0.4, flops=True):
   }
 
 
-def plan(config, devices=None, mfu=0.4, flops=True):
+def plan(config, devices=None, mfu=0.4, flops=True, nodes=1):
   """XLA's per-device memory and FLOPs of the training step on `devices` devices (default: this
   machine's), and whether it fits the target's memory (`train.hardware`, else this GPU).
 
   Returns a dict with at least: devices, mesh, state_bytes_per_device, temp_bytes_per_device,
   total_bytes_per_device, flops_per_device, model_flops_per_step, device_memory_bytes, fits,
   step_seconds_at_mfu. `flops=False` skips the two compiles that count FLOPs (memory only:
-  flops_per_device is None). A bad config is a UserError before anything compiles.
+  flops_per_device is None). `nodes` > 1 adds the hybrid mesh's split (`mesh_across_nodes`,
+  `mesh_within_node`, from `mesh.dcn_*`); per-device memory and FLOPs depend on the whole mesh
+  only. A bad config is a UserError before anything compiles.
   """
   n = jax.device_count() if devices is None else devices
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -172,9 +174,21 @@ def plan(config, devices=None, mfu=0.4, flops=True):
   if not 0 < mfu <= 1:
     raise UserError(f"--mfu must be in (0, 1], got {mfu!r}")
   config_lib.validate(config_lib.resolve(config, n), n)
+  if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1 or n % nodes:
+    raise UserError(f"--nodes={nodes!r} must be a positive integer dividing --devices={n}")
+  split = None
+  if nodes > 1:
+    shape = sharding.mesh_shape(config.mesh, n)
+    split = sharding.dcn_shape(config.mesh, nodes, shape)
   if n <= jax.device_count():
-    return plan_here(config, jax.devices()[:n], mfu, flops)
-  return _plan_in_subprocess(config, n, mfu, flops)
+    result = plan_here(config, jax.devices()[:n], mfu, flops)
+  else:
+    result = _plan_in_subprocess(config, n, mfu, flops)
+  result["nodes"] = nodes
+  if split is not None:
+    result["mesh_across_nodes"] = dict(zip(sharding.MESH_AXES, split[0]))
+    result["mesh_within_node"] = dict(zip(sharding.MESH_AXES, split[1]))
+  return result
 
 
 def _plan_in_subprocess(config, n, mfu, flops):
@@ -214,6 +228,9 @@ def format_plan(p):
       + {True: ": fits", False: ": DOES NOT FIT", None: ""}[p["fits"]],
       f"FLOPs: {flops}",
   ]
+  if p.get("mesh_across_nodes"):
+    lines.insert(1, f"hybrid mesh on {p['nodes']} nodes: across nodes {p['mesh_across_nodes']}, "
+                    f"within a node {p['mesh_within_node']} (docs/scaling.md)")
   if p["step_seconds_at_mfu"]:
     lines.append(f"step time at MFU {p['mfu']:.0%}: {p['step_seconds_at_mfu']:.3f} s "
                  f"(peak {p['peak_tflops_per_device']} TFLOP/s, {p['peak_source']})")

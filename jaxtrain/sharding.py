@@ -14,6 +14,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtrain.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# How much of each mesh axis crosses nodes (the slow network, DCN) in a multi-node job:
+# `mesh.dcn_data` etc., see `dcn_shape` and jaxtrain/distributed.py.
+DCN_KEYS = tuple(f"dcn_{a}" for a in MESH_AXES)
 
 # Logical axis -> mesh axis (or None: replicated). Batch rows are split over both data axes.
 RULES = {
@@ -41,7 +44,7 @@ def mesh_shape(mesh_cfg, num_devices):
     if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
       raise UserError(f"mesh.{name} must be a positive integer or -1, got {value!r}")
     sizes[name] = value
-  unknown = [k for k in mesh_cfg.keys() if k not in MESH_AXES]
+  unknown = [k for k in mesh_cfg.keys() if k not in MESH_AXES + DCN_KEYS]
   if unknown:
     raise UserError(f"mesh.{unknown[0]} is not a mesh axis (known: {', '.join(MESH_AXES)})")
   rest = [n for n, v in sizes.items() if v == -1]
@@ -58,6 +61,39 @@ def mesh_shape(mesh_cfg, num_devices):
     raise UserError(f"{shape} needs {math.prod(sizes.values())} devices, "
                     f"but {num_devices} are available")
   return tuple(sizes[n] for n in MESH_AXES)
+
+
+def dcn_shape(mesh_cfg, num_nodes, shape=None):
+  """The across-node part of each axis (`mesh.dcn_*`, -1: the nodes the others leave).
+
+  With `shape` (the whole mesh), also the within-node part: (dcn, ici) with dcn * ici == shape
+  axis by axis. `num_nodes=None` checks the values only."""
+  dcn = []
+  for key in DCN_KEYS:
+    value = mesh_cfg.get(key, 1)
+    if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
+      raise UserError(f"mesh.{key} must be a positive integer or -1, got {value!r}")
+    dcn.append(value)
+  if dcn.count(-1) > 1:
+    raise UserError("only one of mesh.dcn_data, mesh.dcn_fsdp, mesh.dcn_tensor may be -1")
+  if num_nodes is None:
+    return None
+  fixed = math.prod(v for v in dcn if v != -1)
+  if -1 in dcn:
+    if num_nodes % fixed:
+      raise UserError(f"mesh: {num_nodes} nodes are not divisible by the fixed mesh.dcn_* "
+                      f"product {fixed}")
+    dcn[dcn.index(-1)] = num_nodes // fixed
+  if math.prod(dcn) != num_nodes:
+    raise UserError(f"mesh.dcn_* = {tuple(dcn)} needs {math.prod(dcn)} nodes, the job has "
+                    f"{num_nodes}")
+  if shape is None:
+    return tuple(dcn)
+  for axis, total, d in zip(MESH_AXES, shape, dcn):
+    if total % d:
+      raise UserError(f"mesh.{axis}={total} is not divisible by mesh.dcn_{axis}={d} (the part "
+                      "of the axis that crosses nodes)")
+  return tuple(dcn), tuple(t // d for t, d in zip(shape, dcn))
 
 
 def make_mesh(mesh_cfg, devices=None):

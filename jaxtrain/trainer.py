@@ -24,9 +24,10 @@ from flax import nnx
 
 from jaxtrain import checkpoint as checkpoint_lib
 from jaxtrain import config as config_lib
+from jaxtrain import distributed
 from jaxtrain import hardware, metrics as metrics_lib, model as model_lib, ops, optim, sharding
 from jaxtrain import nonfinite as nonfinite_lib
-from jaxtrain.errors import UserError
+from jaxtrain.errors import RunFailure, UserError
 
 
 @jax.tree_util.register_dataclass
@@ -216,7 +217,7 @@ def make_setup(config, mesh=None, *, unroll_loops=False) -> Setup:
   """
   config = config_lib.resolve(config, jax.device_count() if mesh is None else mesh.size)
   model_cfg = config_lib.validate(config, jax.device_count() if mesh is None else mesh.size)
-  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+  mesh = mesh if mesh is not None else distributed.make_mesh(config.mesh)
   abstract = model_lib.abstract_model(model_cfg)
   graphdef, abstract_params = model_lib.params_of(abstract)
   axes = model_lib.logical_axes(abstract)
@@ -350,12 +351,27 @@ class Preempted(Exception):
 
 
 class _SigtermFlag:
+  """`stop(step)`: whether to save and exit after `step` because of a SIGTERM.
 
-  def __init__(self):
+  Alone, a Python handler sets a flag. With several processes a SIGTERM usually reaches one of
+  them, and one that stops alone leaves the others waiting in the next collective forever: then
+  JAX's preemption service (which owns SIGTERM; no Python handler is installed) tells every
+  process, and `reached_preemption_sync_point` is true at the same step on all of them.
+  """
+
+  def __init__(self, coordinated=False):
     self.raised = False
     self._previous = None
+    self._coordinated = coordinated
+
+  def stop(self, step):
+    if self._coordinated:
+      self.raised = self.raised or distributed.preemption_sync_point(step)
+    return self.raised
 
   def __enter__(self):
+    if self._coordinated:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread (e.g. a notebook worker): no preemption handling.
@@ -385,6 +401,7 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
   would; tests use it to check that resuming reproduces an uninterrupted run exactly.
   """
   from jaxtrain import data  # pylint: disable=import-outside-toplevel
+  distributed.initialize(config.distributed)  # Before anything asks JAX for its devices.
   s = make_setup(config, mesh)
   cfg = s.config
   is_main = jax.process_index() == 0
@@ -394,8 +411,16 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
       f.write(config_lib.to_json(cfg))
 
   vocab = s.model_config.vocab_size
-  tokenizer = data.load_tokenizer(cfg.data, vocab, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+
+  def prepare():  # Process 0 first; the others wait at a barrier, then read (distributed.once).
+    t0, cached = time.time(), data.is_prepared(cfg.data, vocab)
+    tok = data.load_tokenizer(cfg.data, vocab, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    if not cached:
+      log(f"process {jax.process_index()}: prepared data in {time.time() - t0:.1f}s")
+    return tok
+
+  tokenizer = distributed.once(prepare)
   if is_main:
     tokenizer.save(os.path.join(workdir, "tokenizer"))
   dp_size = sharding.data_parallel_size(s.mesh)
@@ -403,6 +428,7 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
   train_iter = data.train_iterator(cfg.data, vocab, per_process_batch, seed=cfg.train.seed)
   eval_batch = cfg.train.batch_size // cfg.train.microbatches
   del dp_size
+  distributed.check_batch_rows(s.batch_sharding, cfg.train.batch_size)
 
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                      async_save=cfg.checkpoint.async_save)
@@ -416,7 +442,8 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
     state = TrainState(jax.device_put(jnp.int32(restored["meta"]["step"]),
                                       s.state_shardings.step),
                        restored["params"], opt_state)
-    log(f"resumed from {ckpt.directory}/{latest}")
+    if is_main:
+      log(f"resumed from {ckpt.directory}/{latest}")
   else:
     state = s.init(cfg.train.seed)
   start = int(jax.device_get(state.step))
@@ -495,7 +522,7 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
     return record
 
   try:
-    with _SigtermFlag() as sigterm, jax.set_mesh(s.mesh):
+    with _SigtermFlag(distributed.coordinated()) as sigterm, jax.set_mesh(s.mesh):
       step = start
       while step < last_step:
         batch = to_global(next(train_iter), s.batch_sharding)
@@ -526,7 +553,7 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
           if do_save:
             save(step)
           clock = (step, time.time())  # Evaluation and saving are not training throughput.
-        if sigterm.raised:
+        if sigterm.stop(step):
           if pending is not None:
             last_record = flush(pending)
             pending = None
@@ -538,12 +565,17 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
       if pending is not None:
         last_record = flush(pending)
       guard.check(upto=step)
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.process_count() > 1 and not isinstance(e, (Preempted, UserError, RunFailure)):
+      distributed.exit_on_error(e)  # A peer probably died: never wait for it (exits 1).
+    raise
   finally:
     if bar is not None:
       bar.close()
     if hasattr(train_iter, "close"):  # Grain worker processes, when data.worker_count > 0.
       train_iter.close()
     ckpt.close()
+    distributed.stop_watchdog()  # The loop is over: processes may now finish at their own pace.
     try:
       writer.close()
     except OSError:  # Disk full: the error already on its way (a RunFailure) is the one to show.

@@ -163,8 +163,35 @@ def test_resume_through_grains_orbax_checkpoint_handler(cfg, tmp_path):
 
 
 def test_more_processes_than_documents_is_a_user_error(cfg):
+  prepared, _ = stored_docs(cfg)
   with pytest.raises(UserError, match='cannot be shared by 1000 processes'):
-    data.train_iterator(cfg, VOCAB, 2, process_index=0, process_count=1000)
+    pipeline.train_dataset(prepared, seq_len=SEQ_LEN, batch_size=2, seed=0, process_index=0,
+                           process_count=1000)
+
+
+def test_global_batches_do_not_depend_on_the_process_count(cfg):
+  """Process p of n yields rows [p * b, (p + 1) * b) of the one-process global batch, and the
+  iterator state (the same on every process) resumes on another process count."""
+  kwargs = dict(seed=5)
+  one = take(data.train_iterator(cfg, VOCAB, 6, process_index=0, process_count=1, **kwargs), 8)
+  iters = [data.train_iterator(cfg, VOCAB, 2, process_index=p, process_count=3, **kwargs)
+           for p in range(3)]
+  three = [take(it, 4) for it in iters]
+  for step in range(4):
+    for key in one[step]:
+      joined = np.concatenate([three[p][step][key] for p in range(3)])
+      np.testing.assert_array_equal(joined, one[step][key])
+  states = [json.dumps(it.get_state(), sort_keys=True) for it in iters]
+  assert states[0] == states[1] == states[2]
+  halves = []
+  for p in range(2):  # three processes stopped at step 4; two carry on
+    it = data.train_iterator(cfg, VOCAB, 3, process_index=p, process_count=2, **kwargs)
+    it.set_state(json.loads(states[0]))
+    halves.append(take(it, 4))
+  for step in range(4):
+    for key in one[step]:
+      np.testing.assert_array_equal(np.concatenate([h[step][key] for h in halves]),
+                                    one[4 + step][key])
 
 
 def test_eval_batches_are_deterministic_masked_and_cover_every_target(cfg):

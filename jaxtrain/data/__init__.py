@@ -10,7 +10,8 @@ from __future__ import annotations
 from jaxtrain.data.config import default_config, validate_config
 from jaxtrain.data.tokenizer import Tokenizer
 
-__all__ = ['Tokenizer', 'default_config', 'eval_iterator', 'eval_iterators', 'load_tokenizer',
+__all__ = ['Tokenizer', 'default_config', 'eval_iterator', 'eval_iterators', 'is_prepared',
+           'load_tokenizer',
            'prepare', 'source_names', 'train_iterator', 'validate_config']
 
 
@@ -100,7 +101,12 @@ def train_iterator(data_cfg, vocab_size: int, batch_size: int, *, seed: int = 0,
                    keep_source: bool = False):
   """Endless, checkpointable iterator of this process's training batches.
 
-  Each batch is {'inputs', 'targets': int32 [batch_size, seq_len], 'num_bytes': int32
+  The order does not depend on the number of processes: every process runs the pipeline of the
+  global batch (batch_size x process_count rows, all documents) and keeps its rows
+  [process_index * batch_size, (process_index + 1) * batch_size), so the global batch of step t
+  holds the same rows on any topology and the iterator state (the same on every process)
+  restores on another process count. Each process reads every record, which costs little next
+  to a training step. Each batch is {'inputs', 'targets': int32 [batch_size, seq_len], 'num_bytes': int32
   [batch_size]}. The order depends on `data.shuffle_seed` and `seed` together. With several
   sources, rows are drawn in the proportions of `data.weights`; `keep_source` adds 'source'
   (int32 [batch_size], the index in data.source). The iterator is a `grain.DatasetIterator`:
@@ -113,11 +119,21 @@ def train_iterator(data_cfg, vocab_size: int, batch_size: int, *, seed: int = 0,
   prepared = [p for _, p in _prepared(data_cfg, vocab_size, process_index, process_count)]
   dataset = pipeline.train_dataset(
       prepared[0] if len(prepared) == 1 else prepared, seq_len=data_cfg.seq_len,
-      batch_size=batch_size, seed=pipeline.shuffle_seed(data_cfg.shuffle_seed, seed),
-      process_index=process_index, process_count=process_count,
+      batch_size=batch_size * process_count,
+      seed=pipeline.shuffle_seed(data_cfg.shuffle_seed, seed), process_index=0, process_count=1,
       worker_count=data_cfg.worker_count,
       weights=mixture_weights(data_cfg.weights, len(prepared)), keep_source=keep_source)
+  if process_count > 1:
+    rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+    dataset = dataset.map(lambda batch: {k: v[rows] for k, v in batch.items()})
   return iter(dataset)
+
+
+def is_prepared(data_cfg, vocab_size: int) -> bool:
+  """Whether every source of `data.source` is already prepared (a cache hit, nothing to build)."""
+  from jaxtrain.data import store  # pylint: disable=g-import-not-at-top
+  validate_config(data_cfg)
+  return all(store.is_prepared(cfg, vocab_size) for cfg in _source_configs(data_cfg))
 
 
 def eval_iterators(data_cfg, vocab_size: int, batch_size: int, *, split: str = 'validation',

@@ -184,6 +184,20 @@ def worker_count(requested: int) -> int:
     return os.cpu_count() or 1
 
 
+def is_prepared(data_cfg, vocab_size: int) -> bool:
+  """Whether `prepare` would only read the cache (the bpe tokenizer of a mixture's later sources
+  is the first one's, so those report False until the first is prepared)."""
+  data_dir = pathlib.Path(os.path.expanduser(data_cfg.data_dir))
+  corpus = corpus_lib.open_corpus(
+      data_cfg.source, data_dir=str(data_dir), text_field=data_cfg.text_field,
+      max_docs=data_cfg.max_docs, validation_fraction=data_cfg.validation_fraction)
+  root = data_dir / f'tokens-v{FORMAT_VERSION}' / corpus.key
+  try:
+    return _load(root / _tokenizer_key(data_cfg.tokenizer, vocab_size)) is not None
+  except UserError:
+    return False
+
+
 def prepare(data_cfg, vocab_size: int, *, process_index: int = 0,
             process_count: int = 1) -> Prepared:
   """Returns the prepared dataset for `data_cfg`, building whatever is missing.
