@@ -69,7 +69,7 @@ class Engine:
                max_prompt_len=None):
     c = model.config
     self.config = c
-    self.graphdef, self.params = model_lib.params_of(model)
+    self.graphdef, self.params = gen.serving_params(model)
     self.tokenizer = tokenizer
     self.slots = int(slots)
     self.max_len = int(max_len or c.max_seq_len)

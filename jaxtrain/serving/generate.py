@@ -111,6 +111,11 @@ def sample(logits_BV, positions_B, sampling):
   return jax.lax.cond(jnp.all(sampling.temperature_B <= 0), greedy, stochastic, None)
 
 
+def serving_params(model):
+  """(graphdef, params) that prefill, insert and decode take."""
+  return model_lib.params_of(model)
+
+
 def _logits(model, h_BD):
   return model.logits(h_BD[:, None])[:, 0]
 
