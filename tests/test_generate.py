@@ -88,12 +88,12 @@ def test_no_retrace_after_warm_up(model):
 def test_cache_writes_past_its_end_are_dropped_not_wrapped(model):
   c = TINY
   cache = model_lib.KVCache.empty(c, 2, 4)
-  cache = model_lib.KVCache(cache.k_LBSKH, cache.v_LBSKH, jnp.asarray([3, 4], jnp.int32))
-  ones = jnp.ones((c.n_layers, 2, c.kv_heads, c.dim_per_head))
+  cache = model_lib.KVCache(cache.ks_BKSH, cache.vs_BKSH, jnp.asarray([3, 4], jnp.int32))
+  ones = [jnp.ones((2, c.kv_heads, c.dim_per_head))] * c.n_layers
   new = cache.write(ones, ones)
-  k = np.asarray(new.k_LBSKH)
-  assert (k[:, 0, 3] == 1).all() and (k[:, 0, :3] == 0).all()
-  assert (k[:, 1] == 0).all()  # row 1 was full: nothing written, slot 0 untouched
+  k_LBKSH = np.stack([np.asarray(k) for k in new.ks_BKSH])
+  assert (k_LBKSH[:, 0, :, 3] == 1).all() and (k_LBKSH[:, 0, :, :3] == 0).all()
+  assert (k_LBKSH[:, 1] == 0).all()  # row 1 was full: nothing written, slot 0 untouched
   assert new.lengths_B.tolist() == [4, 5]
 
 
