@@ -297,11 +297,13 @@ def cmd_compare(argv):
 def cmd_generate(argv):
   """Sample from a checkpoint (KV-cache decoding, greedy or sampled).
 
-  usage: jaxtrain generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...] [flags]
+  usage: jaxtrain generate --workdir=DIR (--prompt=TEXT | --prompt-ids=IDS) [...] [flags]
 
   flags:
     --workdir=DIR         a training workdir (latest checkpoint) or an HF LLaMA directory
     --prompt=TEXT         a prompt; repeat for several, decoded together
+    --prompt-ids=IDS      a prompt as token ids (1,2,3), e.g. for a directory without a
+                          tokenizer; repeatable; the new ids are printed
     --max-new-tokens=N    tokens to generate per prompt (default 64)
     --temperature=T       0 (default): greedy
     --top-k=K             keep the K most likely tokens (0: off)
@@ -312,18 +314,33 @@ def cmd_generate(argv):
   examples:
     jaxtrain generate --workdir=runs/default --prompt="def " --max-new-tokens=64
     jaxtrain generate --workdir=runs/default --prompt="import " --temperature=0.8 --top-p=0.95
+    jaxtrain generate --workdir=hf/llama --prompt-ids=1,450,4996 --max-new-tokens=8
 
   exit codes: 0 printed; 2 bad input (one line on stderr); 1 other failure
   """
   import jaxtrain  # pylint: disable=import-outside-toplevel
   flags = ("workdir", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "step")
+  repeated = ("--prompt=", "--prompt-ids=")
   prompts = [a.partition("=")[2] for a in argv if a.startswith("--prompt=")]
-  args = Args([a for a in argv if not a.startswith("--prompt=")], flags=flags)
+  id_prompts = []
+  for a in argv:
+    if a.startswith("--prompt-ids="):
+      value = a.partition("=")[2]
+      try:
+        ids = [int(t) for t in value.replace(",", " ").split()]
+      except ValueError:
+        raise UserError(f"--prompt-ids={value!r} is not a list of token ids like 1,2,3") from None
+      if not ids:
+        raise UserError("--prompt-ids= is empty (give token ids like 1,2,3)")
+      id_prompts.append(ids)
+  args = Args([a for a in argv if not a.startswith(repeated)], flags=flags)
   workdir = args.flags.get("workdir")
   if not workdir:
     raise UserError("jaxtrain generate needs --workdir=DIR (a workdir or an HF LLaMA directory)")
-  if not prompts:
-    raise UserError('jaxtrain generate needs --prompt="TEXT"')
+  if not prompts and not id_prompts:
+    raise UserError('jaxtrain generate needs --prompt="TEXT" or --prompt-ids=1,2,3')
+  if prompts and id_prompts:
+    raise UserError("jaxtrain generate takes --prompt or --prompt-ids, not both")
 
   def number(name, kind, default):
     try:
@@ -332,13 +349,22 @@ def cmd_generate(argv):
       raise UserError(f"--{name.replace('_', '-')}={args.flags[name]!r} is not a {kind.__name__}")
 
   step = number("step", int, -1)
+  kwargs = dict(max_new_tokens=number("max_new_tokens", int, 64),
+                temperature=number("temperature", float, 0.0), top_k=number("top_k", int, 0),
+                top_p=number("top_p", float, 1.0), seed=number("seed", int, 0))
   model, tokenizer = jaxtrain.load_model(workdir, step=None if step < 0 else step)
+  if id_prompts:
+    V = model.config.vocab_size
+    bad = [t for ids in id_prompts for t in ids if not 0 <= t < V]
+    if bad:
+      raise UserError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary [0, {V})")
+    outs = jaxtrain.generate(model, id_prompts, **kwargs)
+    for out in outs:
+      print(",".join(str(t) for t in out.tokens))
+    return
   if tokenizer is None:
-    raise UserError(f"{workdir} has no tokenizer: text prompts need one")
-  outs = jaxtrain.generate(model, prompts, max_new_tokens=number("max_new_tokens", int, 64),
-                           temperature=number("temperature", float, 0.0),
-                           top_k=number("top_k", int, 0), top_p=number("top_p", float, 1.0),
-                           seed=number("seed", int, 0), tokenizer=tokenizer)
+    raise UserError(f"{workdir} has no tokenizer: text prompts need one (or use --prompt-ids=1,2,3)")
+  outs = jaxtrain.generate(model, prompts, tokenizer=tokenizer, **kwargs)
   for prompt, out in zip(prompts, outs):
     print(prompt + out.text)
     if len(prompts) > 1:

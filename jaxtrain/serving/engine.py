@@ -281,7 +281,11 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=
   if not ids:
     return []
   longest = max(len(p) for p in ids)
-  max_len = gen.bucket(longest + max_new_tokens)
+  limit = model.config.max_seq_len
+  if longest + max_new_tokens > limit:
+    raise UserError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                    f"model's max_seq_len of {limit}")
+  max_len = min(gen.bucket(longest + max_new_tokens), limit)
   engine = Engine(model, tokenizer, slots=slots or len(ids), max_len=max_len, chunk=chunk,
                   max_prompt_len=max_len)
   eos = tokenizer.eos_id if tokenizer is not None else None
