@@ -116,37 +116,63 @@ def cmd_train(argv):
 
 
 def cmd_eval(argv):
-  """Loss, perplexity and bits per byte of a run's checkpoint on a split of its data.
+  """Loss, perplexity and bits per byte of a run's checkpoints on a split of its data.
 
-  usage: jaxtrain eval --workdir=DIR [--split=validation] [--batches=N] [--step=S]
+  usage: jaxtrain eval --workdir=DIR [--split=validation] [--batches=N] [--step=S | --steps=LIST]
                        [--config.data.KEY=VALUE ...]
+
+  Prints one line per checkpoint and merges the numbers into DIR/eval.json (step, split, loss,
+  perplexity, bits_per_byte, tokens evaluated, train_tokens seen by that checkpoint).
 
   flags:
     --workdir=DIR        a training run's directory (or give DIR as the first word)
     --split=NAME         train or validation (default validation)
     --batches=N          evaluate N batches (default the run's train.eval_batches)
     --step=S             checkpoint step (default the latest)
+    --steps=LIST         several checkpoints, one compile: 100,200,300 or all
     --config.KEY=VALUE   e.g. --config.data.source=other.jsonl to evaluate on other data
 
   examples:
     jaxtrain eval --workdir=runs/default
     jaxtrain eval runs/35m --split=train --batches=4
+    jaxtrain eval runs/35m --steps=all    # validation loss against training tokens
 
   exit codes: 0 printed the numbers; 2 no such run, step or split (one line on stderr); 1 other
   failure
   """
   from jaxtrain import evaluate  # pylint: disable=import-outside-toplevel
-  args = Args(argv, flags=("workdir", "split", "batches", "step"))
+  args = Args(argv, flags=("workdir", "split", "batches", "step", "steps"))
   workdir = args.flags.get("workdir") or (args.positional[0] if args.positional else None)
   if not workdir:
     raise UserError("jaxtrain eval needs --workdir=DIR (a training run's directory)")
-  batches = int(args.flags["batches"]) if "batches" in args.flags else None
-  step = int(args.flags["step"]) if "step" in args.flags else None
-  result = evaluate.evaluate_workdir(workdir, split=args.flags.get("split", "validation"),
-                                     max_batches=batches, step=step,
-                                     overrides=args.overrides)
-  print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
-                 for k, v in result.items()))
+
+  def integer(name, value):
+    try:
+      return int(value)
+    except ValueError:
+      raise UserError(f"--{name}={value!r} is not an integer") from None
+
+  batches = integer("batches", args.flags["batches"]) if "batches" in args.flags else None
+  if "step" in args.flags and "steps" in args.flags:
+    raise UserError("jaxtrain eval takes --step or --steps, not both")
+  if "steps" in args.flags:
+    spec = args.flags["steps"]
+    if spec == "all":
+      steps = evaluate.checkpoint_steps(workdir)
+      if not steps:
+        raise UserError(f"{workdir}/checkpoints holds no checkpoint")
+    else:
+      steps = [integer("steps", t) for t in spec.split(",") if t.strip()]
+      if not steps:
+        raise UserError("--steps= is empty (give 100,200,300 or all)")
+  else:
+    steps = [integer("step", args.flags["step"]) if "step" in args.flags else None]
+  results = evaluate.evaluate_steps(workdir, steps, split=args.flags.get("split", "validation"),
+                                    max_batches=batches, overrides=args.overrides)
+  for result in results:
+    print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in result.items()))
+  print(f"wrote {evaluate.write_eval_json(workdir, results)}")
 
 
 def cmd_info(argv):
