@@ -6,10 +6,25 @@ take explicit target shardings (abstract arrays carrying a `sharding`), so a che
 on one mesh loads onto any other mesh or device count (orbax#648, #683).
 """
 
+import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class _ReadOnlyNotices(logging.Filter):
+  """Drops Orbax's notices that a read-only CheckpointManager is read-only (absl warnings:
+  "Given directory is read only=...", "... is read only, save/delete will be skipped"), which
+  every `jaxtrain eval`, `load_model` and `generate` printed; other records pass."""
+
+  def filter(self, record):
+    return not (record.name == "absl" and "read only" in str(record.msg)
+                and record.pathname.replace(os.sep, "/").endswith(
+                    "orbax/checkpoint/checkpoint_manager.py"))
+
+
+_READ_ONLY_FILTER = _ReadOnlyNotices()
 
 
 def abstract_with_shardings(tree, shardings):
@@ -21,10 +36,14 @@ def abstract_with_shardings(tree, shardings):
 class Checkpointer:
 
   def __init__(self, directory, keep=2, async_save=True, read_only=False):
+    if read_only:
+      logging.getLogger("absl").addFilter(_READ_ONLY_FILTER)  # once: filters are a set
     self.directory = os.path.abspath(directory)
+    # Read-only: pass the values Orbax would force (and warn about) itself.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
-        create=not read_only)
+        max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save,
+        read_only=read_only, create=not read_only,
+        **({"save_interval_steps": 0} if read_only else {}))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self):
