@@ -15,6 +15,7 @@ retention (which deletes old steps only after a new one is finalized) never coun
 
 import glob
 import json
+import logging
 import os
 import shutil
 import sys
@@ -84,6 +85,20 @@ def _one_line(e):
   return f"{type(e).__name__}: {text[:200]}"
 
 
+class _ReadOnlyNotices(logging.Filter):
+  """Drops Orbax's notices that a read-only CheckpointManager is read-only (absl warnings:
+  "Given directory is read only=...", "... is read only, save/delete will be skipped"), which
+  every `jaxtrain eval`, `load_model` and `generate` printed; other records pass."""
+
+  def filter(self, record):
+    return not (record.name == "absl" and "read only" in str(record.msg)
+                and record.pathname.replace(os.sep, "/").endswith(
+                    "orbax/checkpoint/checkpoint_manager.py"))
+
+
+_READ_ONLY_FILTER = _ReadOnlyNotices()
+
+
 def abstract_with_shardings(tree, shardings):
   """ShapeDtypeStructs that carry the target sharding Orbax restores onto."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -97,15 +112,19 @@ class CheckpointError(UserError):
 class Checkpointer:
 
   def __init__(self, directory, keep=2, async_save=True, read_only=False):
+    if read_only:
+      logging.getLogger("absl").addFilter(_READ_ONLY_FILTER)  # once: filters are a set
     self.directory = os.path.abspath(directory)
     self.read_only = read_only
     self._writing = None  # The step of the save in flight (async writes fail later, in wait()).
     self._failure = None
+    # Read-only: pass the values Orbax would force (and warn about) itself.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
-        create=not read_only,
+        max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save,
+        read_only=read_only, create=not read_only,
         # A save killed half-way leaves `<step>.orbax-checkpoint-tmp`; remove it on start.
-        cleanup_tmp_directories=not read_only)
+        cleanup_tmp_directories=not read_only,
+        **({"save_interval_steps": 0} if read_only else {}))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self):

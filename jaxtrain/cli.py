@@ -140,37 +140,63 @@ def cmd_train(argv):
 
 
 def cmd_eval(argv):
-  """Loss, perplexity and bits per byte of a run's checkpoint on a split of its data.
+  """Loss, perplexity and bits per byte of a run's checkpoints on a split of its data.
 
-  usage: jaxtrain eval --workdir=DIR [--split=validation] [--batches=N] [--step=S]
+  usage: jaxtrain eval --workdir=DIR [--split=validation] [--batches=N] [--step=S | --steps=LIST]
                        [--config.data.KEY=VALUE ...]
+
+  Prints one line per checkpoint and merges the numbers into DIR/eval.json (step, split, loss,
+  perplexity, bits_per_byte, tokens evaluated, train_tokens seen by that checkpoint).
 
   flags:
     --workdir=DIR        a training run's directory (or give DIR as the first word)
     --split=NAME         train or validation (default validation)
     --batches=N          evaluate N batches (default the run's train.eval_batches)
     --step=S             checkpoint step (default the latest)
+    --steps=LIST         several checkpoints, one compile: 100,200,300 or all
     --config.KEY=VALUE   e.g. --config.data.source=other.jsonl to evaluate on other data
 
   examples:
     jaxtrain eval --workdir=runs/default
     jaxtrain eval runs/35m --split=train --batches=4
+    jaxtrain eval runs/35m --steps=all    # validation loss against training tokens
 
   exit codes: 0 printed the numbers; 2 no such run, step or split (one line on stderr); 1 other
   failure
   """
   from jaxtrain import evaluate  # pylint: disable=import-outside-toplevel
-  args = Args(argv, flags=("workdir", "split", "batches", "step"))
+  args = Args(argv, flags=("workdir", "split", "batches", "step", "steps"))
   workdir = args.flags.get("workdir") or (args.positional[0] if args.positional else None)
   if not workdir:
     raise UserError("jaxtrain eval needs --workdir=DIR (a training run's directory)")
-  batches = int(args.flags["batches"]) if "batches" in args.flags else None
-  step = int(args.flags["step"]) if "step" in args.flags else None
-  result = evaluate.evaluate_workdir(workdir, split=args.flags.get("split", "validation"),
-                                     max_batches=batches, step=step,
-                                     overrides=args.overrides)
-  print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
-                 for k, v in result.items()))
+
+  def integer(name, value):
+    try:
+      return int(value)
+    except ValueError:
+      raise UserError(f"--{name}={value!r} is not an integer") from None
+
+  batches = integer("batches", args.flags["batches"]) if "batches" in args.flags else None
+  if "step" in args.flags and "steps" in args.flags:
+    raise UserError("jaxtrain eval takes --step or --steps, not both")
+  if "steps" in args.flags:
+    spec = args.flags["steps"]
+    if spec == "all":
+      steps = evaluate.checkpoint_steps(workdir)
+      if not steps:
+        raise UserError(f"{workdir}/checkpoints holds no checkpoint")
+    else:
+      steps = [integer("steps", t) for t in spec.split(",") if t.strip()]
+      if not steps:
+        raise UserError("--steps= is empty (give 100,200,300 or all)")
+  else:
+    steps = [integer("step", args.flags["step"]) if "step" in args.flags else None]
+  results = evaluate.evaluate_steps(workdir, steps, split=args.flags.get("split", "validation"),
+                                    max_batches=batches, overrides=args.overrides)
+  for result in results:
+    print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in result.items()))
+  print(f"wrote {evaluate.write_eval_json(workdir, results)}")
 
 
 def cmd_info(argv):
@@ -321,11 +347,13 @@ def cmd_compare(argv):
 def cmd_generate(argv):
   """Sample from a checkpoint (KV-cache decoding, greedy or sampled).
 
-  usage: jaxtrain generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...] [flags]
+  usage: jaxtrain generate --workdir=DIR (--prompt=TEXT | --prompt-ids=IDS) [...] [flags]
 
   flags:
     --workdir=DIR         a training workdir (latest checkpoint) or an HF LLaMA directory
     --prompt=TEXT         a prompt; repeat for several, decoded together
+    --prompt-ids=IDS      a prompt as token ids (1,2,3), e.g. for a directory without a
+                          tokenizer; repeatable; the new ids are printed
     --max-new-tokens=N    tokens to generate per prompt (default 64)
     --temperature=T       0 (default): greedy
     --top-k=K             keep the K most likely tokens (0: off)
@@ -336,18 +364,33 @@ def cmd_generate(argv):
   examples:
     jaxtrain generate --workdir=runs/default --prompt="def " --max-new-tokens=64
     jaxtrain generate --workdir=runs/default --prompt="import " --temperature=0.8 --top-p=0.95
+    jaxtrain generate --workdir=hf/llama --prompt-ids=1,450,4996 --max-new-tokens=8
 
   exit codes: 0 printed; 2 bad input (one line on stderr); 1 other failure
   """
   import jaxtrain  # pylint: disable=import-outside-toplevel
   flags = ("workdir", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "step")
+  repeated = ("--prompt=", "--prompt-ids=")
   prompts = [a.partition("=")[2] for a in argv if a.startswith("--prompt=")]
-  args = Args([a for a in argv if not a.startswith("--prompt=")], flags=flags)
+  id_prompts = []
+  for a in argv:
+    if a.startswith("--prompt-ids="):
+      value = a.partition("=")[2]
+      try:
+        ids = [int(t) for t in value.replace(",", " ").split()]
+      except ValueError:
+        raise UserError(f"--prompt-ids={value!r} is not a list of token ids like 1,2,3") from None
+      if not ids:
+        raise UserError("--prompt-ids= is empty (give token ids like 1,2,3)")
+      id_prompts.append(ids)
+  args = Args([a for a in argv if not a.startswith(repeated)], flags=flags)
   workdir = args.flags.get("workdir")
   if not workdir:
     raise UserError("jaxtrain generate needs --workdir=DIR (a workdir or an HF LLaMA directory)")
-  if not prompts:
-    raise UserError('jaxtrain generate needs --prompt="TEXT"')
+  if not prompts and not id_prompts:
+    raise UserError('jaxtrain generate needs --prompt="TEXT" or --prompt-ids=1,2,3')
+  if prompts and id_prompts:
+    raise UserError("jaxtrain generate takes --prompt or --prompt-ids, not both")
 
   def number(name, kind, default):
     try:
@@ -356,13 +399,22 @@ def cmd_generate(argv):
       raise UserError(f"--{name.replace('_', '-')}={args.flags[name]!r} is not a {kind.__name__}")
 
   step = number("step", int, -1)
+  kwargs = dict(max_new_tokens=number("max_new_tokens", int, 64),
+                temperature=number("temperature", float, 0.0), top_k=number("top_k", int, 0),
+                top_p=number("top_p", float, 1.0), seed=number("seed", int, 0))
   model, tokenizer = jaxtrain.load_model(workdir, step=None if step < 0 else step)
+  if id_prompts:
+    V = model.config.vocab_size
+    bad = [t for ids in id_prompts for t in ids if not 0 <= t < V]
+    if bad:
+      raise UserError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary [0, {V})")
+    outs = jaxtrain.generate(model, id_prompts, **kwargs)
+    for out in outs:
+      print(",".join(str(t) for t in out.tokens))
+    return
   if tokenizer is None:
-    raise UserError(f"{workdir} has no tokenizer: text prompts need one")
-  outs = jaxtrain.generate(model, prompts, max_new_tokens=number("max_new_tokens", int, 64),
-                           temperature=number("temperature", float, 0.0),
-                           top_k=number("top_k", int, 0), top_p=number("top_p", float, 1.0),
-                           seed=number("seed", int, 0), tokenizer=tokenizer)
+    raise UserError(f"{workdir} has no tokenizer: text prompts need one (or use --prompt-ids=1,2,3)")
+  outs = jaxtrain.generate(model, prompts, tokenizer=tokenizer, **kwargs)
   for prompt, out in zip(prompts, outs):
     print(prompt + out.text)
     if len(prompts) > 1:

@@ -100,11 +100,35 @@ def load_model(path, step=None):
   return model, tokenizer
 
 
+def checkpoint_steps(workdir):
+  """The steps saved in a workdir's checkpoints/, ascending."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise UserError(f"{directory} does not exist: no checkpoints in this workdir")
+  ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
+  try:
+    return sorted(ckpt.all_steps())
+  finally:
+    ckpt.close()
+
+
 def evaluate_workdir(workdir, split="validation", max_batches=None, step=None, overrides=()):
   """Loss, perplexity and bits per byte of a workdir's checkpoint on a split of its data (or of
   other data, with `--config.data.source=...` overrides)."""
+  return evaluate_steps(workdir, [step], split, max_batches, overrides)[0]
+
+
+def evaluate_steps(workdir, steps, split="validation", max_batches=None, overrides=()):
+  """`evaluate_workdir` for several checkpoint steps (None: the latest), one compile for all:
+  validation loss against training tokens. Each result adds `train_tokens` (step x global
+  batch x sequence length of the run)."""
   from jaxtrain import data, trainer as train_lib  # pylint: disable=import-outside-toplevel
   cfg = _workdir_config(workdir, overrides)
+  have = checkpoint_steps(workdir)
+  missing = [st for st in steps if st is not None and st not in have]
+  if missing:
+    raise UserError(f"{workdir}/checkpoints has no step {missing[0]} (have {have})")
+  train_batch, seq_len = cfg.train.batch_size, cfg.data.seq_len
   # Evaluation runs data-parallel over this machine's devices, whatever mesh trained the model:
   # the eval batch is the training microbatch rounded up to a multiple of the device count.
   n = jax.device_count()
@@ -113,11 +137,41 @@ def evaluate_workdir(workdir, split="validation", max_batches=None, step=None, o
     cfg.mesh.update(data=-1, fsdp=1, tensor=1)
     cfg.train.update(batch_size=batch, batch_size_per_device=0, microbatches=1)
   s = train_lib.make_setup(cfg)
-  step, params = load_params(workdir, s.abstract_state.params, step)
-  batches = data.eval_iterator(cfg.data, s.model_config.vocab_size, batch // jax.process_count(),
-                               split=split, max_batches=max_batches or cfg.train.eval_batches)
-  with jax.set_mesh(s.mesh):
-    result = train_lib.evaluate_params(s, train_lib.make_eval_step(s), params, batches)
-  return {"step": step, "split": split, "loss": result["eval_loss"],
-          "perplexity": math.exp(min(result["eval_loss"], 50.0)),
-          "bits_per_byte": result["bits_per_byte"], "tokens": int(result["eval_tokens"])}
+  eval_step = train_lib.make_eval_step(s)  # jitted once: every step has the same shapes
+  results = []
+  for step in steps:
+    step, params = load_params(workdir, s.abstract_state.params, step)
+    batches = data.eval_iterator(cfg.data, s.model_config.vocab_size,
+                                 batch // jax.process_count(), split=split,
+                                 max_batches=max_batches or cfg.train.eval_batches)
+    with jax.set_mesh(s.mesh):
+      result = train_lib.evaluate_params(s, eval_step, params, batches)
+    results.append({"step": step, "split": split, "loss": result["eval_loss"],
+                    "perplexity": math.exp(min(result["eval_loss"], 50.0)),
+                    "bits_per_byte": result["bits_per_byte"],
+                    "tokens": int(result["eval_tokens"]),
+                    "train_tokens": int(step) * int(train_batch) * int(seq_len)})
+  return results
+
+
+def write_eval_json(workdir, results):
+  """Merge results into WORKDIR/eval.json ({"results": [...]}, one entry per (step, split),
+  sorted by step; a re-evaluation replaces its entry). Returns the path."""
+  path = os.path.join(workdir, "eval.json")
+  entries = {}
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        for r in json.load(f).get("results", []):
+          entries[(r["step"], r["split"])] = r
+    except (ValueError, KeyError, AttributeError):
+      entries = {}  # A damaged file is rewritten from these results.
+  for r in results:
+    entries[(r["step"], r["split"])] = r
+  ordered = [entries[k] for k in sorted(entries, key=lambda k: (k[0], k[1]))]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump({"results": ordered}, f, indent=1)
+    f.write("\n")
+  os.replace(tmp, path)
+  return path

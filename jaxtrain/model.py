@@ -285,11 +285,25 @@ class Attention(nnx.Module):
       out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, impl=impl)
       new_cache = (k_BTKH, v_BTKH)
     else:
-      # One new token per row against this layer's cache slice (k_BSKH, v_BSKH, lengths_B).
-      k_BSKH, v_BSKH, lengths_B = kv_cache
-      out_BTNH = decode_attention(q_BTNH, k_BTKH, v_BTKH, k_BSKH.astype(dt), v_BSKH.astype(dt),
+      # One new token per row against this layer's cache [B, K, S, H]: attend over the cached
+      # positions and the new key, then write the new key and value at the row's length. The
+      # write comes last so it only feeds the carried cache and is done in place (attending
+      # over the written buffer made XLA:CPU duplicate the write into the attention fusion and
+      # copy the whole cache every step).
+      k_BKSH, v_BKSH, lengths_B = kv_cache
+      out_BTNH = decode_attention(q_BTNH, k_BTKH, v_BTKH, k_BKSH.astype(dt), v_BKSH.astype(dt),
                                   lengths_B)
-      new_cache = (k_BTKH[:, 0], v_BTKH[:, 0])
+      # The written values are made to depend on the attention output (adding 0 * one of its
+      # elements), so XLA sees that every read of the old cache comes before the in-place write;
+      # without that data dependence XLA:CPU copied each layer's cache twice per step.
+      after_B11 = (out_BTNH[:, 0, :1, :1] * 0).astype(k_BTKH.dtype)
+      new_cache = (write_row(k_BKSH, k_BTKH[:, 0] + after_B11, lengths_B),
+                   write_row(v_BKSH, v_BTKH[:, 0] + after_B11, lengths_B))
+      # The output projection as one [B, N*H] x [N*H, D] product: with the einsum over (n, h)
+      # XLA:CPU transposed wo (a weight copy per layer per step) rather than the activation.
+      B, T, N, H = out_BTNH.shape
+      wo_ED = self.wo[...].astype(dt).reshape(N * H, -1)
+      return jnp.einsum("bte,ed->btd", out_BTNH.reshape(B, T, N * H), wo_ED), new_cache
     out_BTNH = sharding.constrain(_name(out_BTNH, "attention"), heads)
     return jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dt)), new_cache
 
@@ -375,7 +389,7 @@ class Llama(nnx.Module):
   def hidden_states(self, tokens_BT, positions_BT=None, kv_caches=None, with_max_logits=False):
     """Final-normed hidden states [B, T, D] in the compute dtype.
 
-    With `kv_caches` (a stacked `KVCache`) this is one decoding step of T=1 token per row at
+    With `kv_caches` (a `KVCache`) this is one decoding step of T=1 token per row at
     the rows' lengths, returning (hidden states [B, 1, D], new cache); see `decode`.
     `with_max_logits` returns (hidden states, each layer's per-head max attention logit [L, N])."""
     if kv_caches is not None:
@@ -412,52 +426,63 @@ class Llama(nnx.Module):
 
   # -------------------------------------------------------------------------------------------
   # Decoding: prefill a right-padded prompt batch, then decode one token per row at a time
-  # against a stacked cache. Both scan over the layers like training does.
+  # against a `KVCache`. Both run the layers as an unrolled loop over `layers`, a sequence of
+  # per-layer parameter dicts in separate buffers (`unstack_layers`), not as a scan over the
+  # stacked weights: on XLA:CPU every layer slice of a stacked array is a copy, so a scanned
+  # decode step read each weight twice and wrote it once (benchmarks/decode.py, docs/benchmarks.md).
 
-  def _scan_layers(self, x_BTD, positions_BT, layer_cache_xs):
-    """Scan the blocks with a per-layer cache argument; returns (x, per-layer cache outputs)."""
+  def _layer_params(self, layers):
+    if layers is not None:
+      return layers
+    _, stacked = nnx.split(self.blocks)
+    return unstack_layers(nnx.to_pure_dict(stacked), self.config.n_layers)
+
+  def _run_layers(self, x_BTD, positions_BT, layers, layer_caches):
+    """The blocks, unrolled over per-layer params; returns (x, each layer's cache output)."""
     c = self.config
     rope = rope_tables(positions_BT, jnp.asarray(rope_frequencies(c)))
-    graphdef, stacked = nnx.split(self.blocks)
+    graphdef = nnx.graphdef(self.blocks)
+    outputs = []
+    for layer_params, layer_cache in zip(layers, layer_caches):
+      layer = nnx.merge(graphdef, layer_params)
+      x_BTD, out = layer.layer(x_BTD, positions_BT, rope, c.attention, layer_cache)
+      outputs.append(out)
+    return x_BTD, outputs
 
-    def body(x_BTD, xs):
-      layer_state, layer_cache = xs
-      layer = nnx.merge(graphdef, layer_state)
-      return layer.layer(x_BTD, positions_BT, rope, c.attention,
-                         PREFILL if layer_cache is None else layer_cache)
-
-    return jax.lax.scan(body, x_BTD, (stacked, layer_cache_xs))
-
-  def prefill(self, tokens_BT, lengths_B):
+  def prefill(self, tokens_BT, lengths_B, layers=None):
     """Prompts right-padded to T, `lengths_B` real tokens each.
 
     Returns the final-normed hidden state at each row's last real token [B, D] (so the caller
     computes one row of logits, not T) and a `KVCache` of length T holding the prompt.
+    `layers`: per-layer params (`unstack_layers`); default: sliced from this model's blocks.
     """
     c = self.config
     B, T = tokens_BT.shape
+    layers = self._layer_params(layers)
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     x_BTD = self.embed(tokens_BT).astype(DTYPES[c.dtype])
-    x_BTD, (k_LBTKH, v_LBTKH) = self._scan_layers(x_BTD, positions_BT, None)
+    x_BTD, kv = self._run_layers(x_BTD, positions_BT, layers, [PREFILL] * len(layers))
     last_B = jnp.clip(lengths_B - 1, 0, T - 1)
     x_BD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
-    return self.final_norm(x_BD), KVCache(k_LBTKH, v_LBTKH, lengths_B.astype(jnp.int32))
+    ks = tuple(k_BTKH.transpose(0, 2, 1, 3) for k_BTKH, _ in kv)
+    vs = tuple(v_BTKH.transpose(0, 2, 1, 3) for _, v_BTKH in kv)
+    return self.final_norm(x_BD), KVCache(ks, vs, lengths_B.astype(jnp.int32))
 
-  def decode(self, tokens_B, cache):
+  def decode(self, tokens_B, cache, layers=None):
     """One decoding step: token b sits at position `cache.lengths_B[b]`.
 
-    The cache is only read inside the layer scan; the new keys and values of all layers are
-    written after it in one scatter, each row at its own length (rows at or past the cache's
-    end are dropped, never wrapped). Returns (final-normed hidden states [B, D], new cache).
+    Each layer attends over its cache and the new key, then writes the new key and value into
+    its own cache buffer (in place, each row at its own length; rows at or past the cache's end
+    are dropped, never wrapped). Returns (final-normed hidden states [B, D], new cache).
     """
     c = self.config
-    positions_B1 = cache.lengths_B[:, None]
+    layers = self._layer_params(layers)
+    lengths_B = cache.lengths_B
     x_B1D = self.embed(tokens_B[:, None]).astype(DTYPES[c.dtype])
-    L = c.n_layers
-    lengths_LB = jnp.broadcast_to(cache.lengths_B, (L,) + cache.lengths_B.shape)
-    x_B1D, (k_LBKH, v_LBKH) = self._scan_layers(
-        x_B1D, positions_B1, (cache.k_LBSKH, cache.v_LBSKH, lengths_LB))
-    return self.final_norm(x_B1D[:, 0]), cache.write(k_LBKH, v_LBKH)
+    layer_caches = [(k, v, lengths_B) for k, v in zip(cache.ks_BKSH, cache.vs_BKSH)]
+    x_B1D, kv = self._run_layers(x_B1D, lengths_B[:, None], layers, layer_caches)
+    new = KVCache(tuple(k for k, _ in kv), tuple(v for _, v in kv), lengths_B + 1)
+    return self.final_norm(x_B1D[:, 0]), new
 
   def logits(self, x_BTD):
     """fp32 logits from hidden states: the matmul accumulates and returns fp32."""
@@ -474,27 +499,34 @@ PREFILL = "prefill"
 MAX_LOGITS = "max_logits"
 
 
-def decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BSKH, v_BSKH, lengths_B):
+def write_row(cache_BKSH, new_BKH, positions_B):
+  """Row b's new key (or value) at position positions_B[b]; at or past S it is dropped."""
+  b_B = jnp.arange(cache_BKSH.shape[0])
+  return cache_BKSH.at[b_B, :, positions_B].set(new_BKH.astype(cache_BKSH.dtype), mode="drop")
+
+
+def decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B):
   """One query per row over its cached keys [0, length) and its own new key.
 
   The new key is scored separately and joined at the (tiny) score level, so the cache is read
-  once and never copied (a concatenation would copy all of it in every layer). fp32 softmax.
+  once and never copied (a concatenation would copy all of it in every layer). The cache
+  layout [B, K, S, H] is the one both products want (batch dims first: no transpose per step).
+  fp32 softmax.
   """
   B, _, N, H = q_B1NH.shape
-  K = k_BSKH.shape[2]
-  S = k_BSKH.shape[1]
+  K, S = k_BKSH.shape[1], k_BKSH.shape[2]
   q_BKGH = q_B1NH[:, 0].reshape(B, K, N // K, H).astype(jnp.float32) * (H ** -0.5)
-  q_BKGH = q_BKGH.astype(k_BSKH.dtype)
-  s_BKGS = ops.einsum("bkgh,bskh->bkgs", q_BKGH, k_BSKH, preferred_element_type=jnp.float32)
+  q_BKGH = q_BKGH.astype(k_BKSH.dtype)
+  s_BKGS = ops.einsum("bkgh,bksh->bkgs", q_BKGH, k_BKSH, preferred_element_type=jnp.float32)
   valid_BS = jnp.arange(S, dtype=jnp.int32)[None, :] < lengths_B[:, None]
   s_BKGS = jnp.where(valid_BS[:, None, None, :], s_BKGS, -jnp.inf)
-  s_BKG1 = ops.einsum("bkgh,bkh->bkg", q_BKGH, k_B1KH[:, 0].astype(k_BSKH.dtype),
+  s_BKG1 = ops.einsum("bkgh,bkh->bkg", q_BKGH, k_B1KH[:, 0].astype(k_BKSH.dtype),
                       preferred_element_type=jnp.float32)[..., None]
   m_BKG1 = jnp.maximum(jnp.max(s_BKGS, axis=-1, keepdims=True), s_BKG1)
   p_BKGS = jnp.exp(s_BKGS - m_BKG1)
   p_BKG1 = jnp.exp(s_BKG1 - m_BKG1)
   denom_BKG1 = jnp.sum(p_BKGS, axis=-1, keepdims=True) + p_BKG1
-  o_BKGH = ops.einsum("bkgs,bskh->bkgh", p_BKGS.astype(v_BSKH.dtype), v_BSKH,
+  o_BKGH = ops.einsum("bkgs,bksh->bkgh", p_BKGS.astype(v_BKSH.dtype), v_BKSH,
                       preferred_element_type=jnp.float32)
   o_BKGH = o_BKGH + p_BKG1 * v_B1KH[:, 0][:, :, None, :].astype(jnp.float32)
   o_BKGH = o_BKGH / denom_BKG1
@@ -504,41 +536,53 @@ def decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BSKH, v_BSKH, lengths_B):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """Keys and values of every layer, stacked [L, B, S, K, H], and each row's length.
+  """Keys and values, one [B, K, S, H] buffer per layer (tuples of L), and each row's length.
 
   Row b holds positions [0, lengths_B[b]); the next token of row b is written at its length.
-  A write at or past S is dropped (the sequence is full), never wrapped around.
+  A write at or past S is dropped (the sequence is full), never wrapped around. The layers are
+  separate buffers rather than one stacked [L, ...] array because a layer slice of a stacked
+  array is a copy on XLA:CPU (a decode step would copy the whole cache); each buffer is donated
+  and updated in place.
   """
-  k_LBSKH: jax.Array
-  v_LBSKH: jax.Array
+  ks_BKSH: tuple
+  vs_BKSH: tuple
   lengths_B: jax.Array
 
   @classmethod
   def empty(cls, c: ModelConfig, batch, length, dtype=None):
     dtype = dtype or DTYPES[c.dtype]
-    shape = (c.n_layers, batch, length, c.kv_heads, c.dim_per_head)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+    shape = (batch, c.kv_heads, length, c.dim_per_head)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(c.n_layers))
+    return cls(zeros(), zeros(), jnp.zeros((batch,), jnp.int32))
 
   @property
   def max_length(self):
-    return self.k_LBSKH.shape[2]
+    return self.ks_BKSH[0].shape[2]
 
   def write(self, k_LBKH, v_LBKH):
-    """Append one token per row at its own length; lengths grow by one."""
-    b_B = jnp.arange(self.lengths_B.shape[0])
-    pos_B = self.lengths_B
-    k = self.k_LBSKH.at[:, b_B, pos_B].set(k_LBKH.astype(self.k_LBSKH.dtype), mode="drop")
-    v = self.v_LBSKH.at[:, b_B, pos_B].set(v_LBKH.astype(self.v_LBSKH.dtype), mode="drop")
-    return KVCache(k, v, self.lengths_B + 1)
+    """Append one token per row (each layer's [B, K, H]) at its own length; lengths grow by one."""
+    ks = tuple(write_row(k, new, self.lengths_B) for k, new in zip(self.ks_BKSH, k_LBKH))
+    vs = tuple(write_row(v, new, self.lengths_B) for v, new in zip(self.vs_BKSH, v_LBKH))
+    return KVCache(ks, vs, self.lengths_B + 1)
 
   def insert(self, prefix, slot):
     """Copy a prefilled cache (rows [slot, slot + prefix batch), its length T <= S) in."""
     z = jnp.zeros((), jnp.int32)
-    start = (z, jnp.asarray(slot, jnp.int32), z, z, z)
-    k = jax.lax.dynamic_update_slice(self.k_LBSKH, prefix.k_LBSKH.astype(self.k_LBSKH.dtype), start)
-    v = jax.lax.dynamic_update_slice(self.v_LBSKH, prefix.v_LBSKH.astype(self.v_LBSKH.dtype), start)
-    lengths = jax.lax.dynamic_update_slice(self.lengths_B, prefix.lengths_B, start[1:2])
-    return KVCache(k, v, lengths)
+    start = (jnp.asarray(slot, jnp.int32), z, z, z)
+
+    def put(big, small):
+      return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), start)
+
+    ks = tuple(map(put, self.ks_BKSH, prefix.ks_BKSH))
+    vs = tuple(map(put, self.vs_BKSH, prefix.vs_BKSH))
+    lengths = jax.lax.dynamic_update_slice(self.lengths_B, prefix.lengths_B, start[:1])
+    return KVCache(ks, vs, lengths)
+
+
+def unstack_layers(blocks, n_layers):
+  """Per-layer copies (a tuple of L dicts) of the stacked block params `blocks` (a pure dict
+  with a leading layer axis): separate buffers for the unrolled decoding loop."""
+  return tuple(jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(n_layers))
 
 
 def create(c: ModelConfig, seed: int = 0) -> Llama:

@@ -59,6 +59,23 @@ def test_rerunning_the_same_command_resumes_and_does_not_retrain(quick_run):
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
 
 
+def test_eval_of_several_steps_writes_eval_json_without_orbax_warnings(quick_run, capsys,
+                                                                        caplog):
+  workdir, _, _ = quick_run
+  with caplog.at_level("WARNING"):
+    assert cli.main(["eval", f"--workdir={workdir}", "--steps=all", "--batches=1"]) == 0
+  assert not [r for r in caplog.records if "read only" in r.getMessage()
+              or "read_only" in r.getMessage()]
+  capsys.readouterr()
+  with open(os.path.join(workdir, "eval.json")) as f:
+    results = json.load(f)["results"]
+  assert [r["step"] for r in results] == [2, 4]
+  assert {"loss", "perplexity", "bits_per_byte", "tokens", "train_tokens", "split"} <= set(results[0])
+  assert results[1]["train_tokens"] == 2 * results[0]["train_tokens"]
+  assert cli.main(["eval", workdir, "--steps=2,99"]) == 2
+  assert "no step 99" in capsys.readouterr().err
+
+
 def test_eval_and_load_model_read_the_run(quick_run, capsys):
   workdir, _, _ = quick_run
   assert cli.main(["eval", f"--workdir={workdir}", "--batches=1"]) == 0

@@ -88,12 +88,12 @@ def test_no_retrace_after_warm_up(model):
 def test_cache_writes_past_its_end_are_dropped_not_wrapped(model):
   c = TINY
   cache = model_lib.KVCache.empty(c, 2, 4)
-  cache = model_lib.KVCache(cache.k_LBSKH, cache.v_LBSKH, jnp.asarray([3, 4], jnp.int32))
-  ones = jnp.ones((c.n_layers, 2, c.kv_heads, c.dim_per_head))
+  cache = model_lib.KVCache(cache.ks_BKSH, cache.vs_BKSH, jnp.asarray([3, 4], jnp.int32))
+  ones = [jnp.ones((2, c.kv_heads, c.dim_per_head))] * c.n_layers
   new = cache.write(ones, ones)
-  k = np.asarray(new.k_LBSKH)
-  assert (k[:, 0, 3] == 1).all() and (k[:, 0, :3] == 0).all()
-  assert (k[:, 1] == 0).all()  # row 1 was full: nothing written, slot 0 untouched
+  k_LBKSH = np.stack([np.asarray(k) for k in new.ks_BKSH])
+  assert (k_LBKSH[:, 0, :, 3] == 1).all() and (k_LBKSH[:, 0, :, :3] == 0).all()
+  assert (k_LBKSH[:, 1] == 0).all()  # row 1 was full: nothing written, slot 0 untouched
   assert new.lengths_B.tolist() == [4, 5]
 
 
@@ -115,3 +115,63 @@ def test_generate_cli_bad_input_exits_2_with_one_line(capsys):
   assert cli.main(["generate", "--workdir=tests/fixtures/hf/mha", "--prompt=x"]) == 2  # no tokenizer
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+
+
+# A tiny HF directory with a trained BPE tokenizer: text prompts, EOS and stop strings.
+
+
+@pytest.fixture(scope="module")
+def hf_dir_with_tokenizer(tmp_path_factory):
+  from jaxtrain import convert  # pylint: disable=import-outside-toplevel
+  from jaxtrain.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  c = model_lib.ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+                            max_seq_len=64)
+  directory = tmp_path_factory.mktemp("hf_tiny")
+  convert.save_hf(model_lib.create(c, seed=0), c, str(directory))
+  texts = ["once upon a time there was a tiny model", "hello world, hello tokens"] * 20
+  tokenizer_lib.train_bpe(texts, 300).save(directory)
+  return str(directory)
+
+
+def test_eos_and_stop_strings_end_a_request_where_they_occur(hf_dir_with_tokenizer):
+  model, tokenizer = jaxtrain.load_model(hf_dir_with_tokenizer)
+  engine = engine_lib.Engine(model, tokenizer, slots=2, max_len=64, chunk=4)
+  prompt = tokenizer.encode("hello world")
+  free = engine.submit(engine_lib.Request(prompt=prompt, max_tokens=16))
+  engine.run_until_idle()
+  assert free.finish_reason == "length" and len(free.tokens) == 16
+  # EOS: the request ends before the first occurrence of the EOS id, which is not emitted.
+  eos = free.tokens[5]
+  ended = engine.submit(engine_lib.Request(prompt=prompt, max_tokens=16, eos_id=eos))
+  # A stop string: the text ends before it, and the tokens agree with the text.
+  text = free.text
+  stop = text[len(text) // 2:len(text) // 2 + 3]
+  cut = text.find(stop)
+  stopped = engine.submit(engine_lib.Request(prompt=prompt, max_tokens=16, stop=(stop,)))
+  engine.run_until_idle()
+  assert ended.finish_reason == "stop" and ended.tokens == free.tokens[:free.tokens.index(eos)]
+  assert stopped.finish_reason == "stop" and stopped.text == text[:cut]
+  assert text.startswith(tokenizer.decode(stopped.tokens))
+  assert len(tokenizer.decode(stopped.tokens)) <= cut
+
+
+def test_generate_verb_prints_the_continued_text(hf_dir_with_tokenizer, capsys):
+  from jaxtrain import cli
+  code = cli.main(["generate", f"--workdir={hf_dir_with_tokenizer}", "--prompt=hello world",
+                   "--max-new-tokens=5", "--temperature=0.7", "--top-p=0.9", "--seed=1"])
+  out = capsys.readouterr().out
+  assert code == 0 and out.startswith("hello world") and len(out.strip()) > len("hello world")
+
+
+def test_generate_verb_takes_token_ids_for_a_directory_without_a_tokenizer(capsys):
+  from jaxtrain import cli
+  code = cli.main(["generate", "--workdir=tests/fixtures/hf/mha", "--prompt-ids=1,2,3",
+                   "--max-new-tokens=3"])
+  out = capsys.readouterr().out.strip().split(",")
+  assert code == 0 and len(out) == 3 and all(t.isdigit() for t in out)
+  for flags in (["--prompt-ids=1,x"], ["--prompt-ids=1,100000"],
+                ["--prompt-ids=1", "--max-new-tokens=100"]):
+    assert cli.main(["generate", "--workdir=tests/fixtures/hf/mha"] + flags) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 3 and "--prompt-ids" in err[0] and "vocabulary" in err[1]
+  assert "max_seq_len" in err[2]

@@ -73,7 +73,7 @@ class Engine:
                max_prompt_len=None):
     c = model.config
     self.config = c
-    self.graphdef, self.params = model_lib.params_of(model)
+    self.graphdef, self.params = gen.serving_params(model)
     self.tokenizer = tokenizer
     self.slots = int(slots)
     self.max_len = int(max_len or c.max_seq_len)
@@ -297,7 +297,11 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=
   if not ids:
     return []
   longest = max(len(p) for p in ids)
-  max_len = gen.bucket(longest + max_new_tokens)
+  limit = model.config.max_seq_len
+  if longest + max_new_tokens > limit:
+    raise UserError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                    f"model's max_seq_len of {limit}")
+  max_len = min(gen.bucket(longest + max_new_tokens), limit)
   engine = Engine(model, tokenizer, slots=slots or len(ids), max_len=max_len, chunk=chunk,
                   max_prompt_len=max_len)
   eos = tokenizer.eos_id if tokenizer is not None else None

@@ -9,7 +9,8 @@ JetStream / jax-llm-examples style, as pure functions over `(graphdef, params)`:
 Prompts are right-padded to a power-of-two bucket, so prefill compiles once per bucket; decode
 compiles once per (slots, cache length, steps); nothing is retraced per token or per request
 (`TRACES` counts traces, tests check it). The cache is donated to decode and insert, so it is
-updated in place.
+updated in place. The layers run unrolled over per-layer weight and cache buffers
+(`serving_params`, `model.KVCache`): no layer slice is ever copied.
 
 Sampling (per row, so rows of one batch may ask for different things): greedy when the
 temperature is 0, otherwise logits / temperature, then top-k, then top-p, as HF and vLLM order
@@ -111,6 +112,29 @@ def sample(logits_BV, positions_B, sampling):
   return jax.lax.cond(jnp.all(sampling.temperature_B <= 0), greedy, stochastic, None)
 
 
+def serving_params(model):
+  """(graphdef, params) that prefill and decode take: params is {"model": the model's params
+  without its blocks, "layers": a tuple of per-layer block params in separate buffers}.
+
+  The layers run unrolled over those buffers: a layer slice of the stacked weights (what a scan
+  over the layers reads) is a copy on XLA:CPU, so a decode step read every weight twice and
+  wrote it once (docs/benchmarks.md). The per-layer copies are made once, here.
+  """
+  graphdef, params = model_lib.params_of(model)
+  blocks = params.pop("blocks")
+  return graphdef, {"model": params,
+                    "layers": model_lib.unstack_layers(blocks, model.config.n_layers)}
+
+
+def _merge(graphdef, params):
+  """(model, per-layer params); the model's stacked blocks are shape-only placeholders that
+  the decoding path never reads."""
+  layers = params["layers"]
+  blocks = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(layers),) + a.shape, a.dtype),
+                        layers[0])
+  return nnx.merge(graphdef, {**params["model"], "blocks": blocks}), layers
+
+
 def _logits(model, h_BD):
   return model.logits(h_BD[:, None])[:, 0]
 
@@ -119,8 +143,8 @@ def _logits(model, h_BD):
 def prefill(graphdef, params, tokens_BT, lengths_B, sampling):
   """(first generated token [B], prefix KVCache of length T) for right-padded prompts."""
   TRACES["prefill"] += 1
-  model = nnx.merge(graphdef, params)
-  h_BD, prefix = model.prefill(tokens_BT, lengths_B)
+  model, layers = _merge(graphdef, params)
+  h_BD, prefix = model.prefill(tokens_BT, lengths_B, layers)
   return sample(_logits(model, h_BD), lengths_B, sampling), prefix
 
 
@@ -147,10 +171,10 @@ def decode(graphdef, params, state, steps):
   rows that reach the cache's end stop writing (see `KVCache.write`).
   """
   TRACES["decode"] += 1
-  model = nnx.merge(graphdef, params)
+  model, layers = _merge(graphdef, params)
 
   def step(state, _):
-    h_BD, cache = model.decode(state.tokens_B, state.cache)
+    h_BD, cache = model.decode(state.tokens_B, state.cache, layers)
     next_B = sample(_logits(model, h_BD), cache.lengths_B, state.sampling)
     return DecodeState(cache, next_B, state.sampling), next_B
 
