@@ -2,7 +2,6 @@
 CPU devices per process. Same losses as one process, resume on other topologies, coordinated
 SIGTERM, a killed process, data prepared once. Every wait has a hard timeout, so a hang fails."""
 
-import glob
 import json
 import os
 import shutil

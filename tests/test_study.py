@@ -10,10 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxtrain import attention, config as config_lib, model as model_lib, optim, sharding, study
+from jaxtrain import config as config_lib, model as model_lib, optim, sharding, study
 from jaxtrain import trainer
 from jaxtrain.errors import UserError
-from jaxtrain.optim import routing
 
 
 def tiny_config(corpus_dir, data_dir, steps=6, **opt):

@@ -19,14 +19,11 @@ next look, so it frees its slot, or never takes one if it was still waiting.
 import collections
 import dataclasses
 import itertools
-import queue
 import threading
 import time
 
-import jax
 import numpy as np
 
-from jaxtrain import model as model_lib
 from jaxtrain.errors import UserError
 from jaxtrain.serving import generate as gen
 
