@@ -3,7 +3,8 @@
   jaxtrain train                      # same as the line below
   jaxtrain train --config=configs/default.py --workdir=runs/default
 
-Sized to finish in under 10 minutes on a 2-core machine with a clear drop in validation loss.
+Sized to finish in about 5 minutes on an idle 2-core machine and to reach under 1.8 bits per byte
+on validation, so that `jaxtrain generate --workdir=runs/default --prompt="def "` looks like Python.
 """
 
 from jaxtrain.config import base_config
@@ -16,8 +17,12 @@ def get_config(arg=""):
                    max_seq_len=256, dtype="float32", attention="auto")
   cfg.data.source = "default"
   cfg.data.seq_len = 256
-  cfg.optimizer.lr = 1e-3
-  cfg.optimizer.warmup_steps = 30
-  cfg.train.update(steps=150, batch_size=16, log_every=10, eval_every=50, eval_batches=8)
-  cfg.checkpoint.every = 100
+  # Muon reaches AdamW's loss in ~2.7x fewer steps on this model (docs/muon.md); 3e-3 was its best lr.
+  cfg.optimizer.name = "muon"
+  cfg.optimizer.lr = 3e-3
+  cfg.optimizer.schedule = "wsd"  # Constant lr, then a linear decay over the last 20% of steps.
+  cfg.optimizer.warmup_steps = 20
+  # Two evaluations (eval time counts in the 5 minutes).
+  cfg.train.update(steps=180, batch_size=16, log_every=10, eval_every=90, eval_batches=8)
+  cfg.checkpoint.every = 90
   return cfg
