@@ -254,9 +254,9 @@ def _poison(monkeypatch, steps):
       batch = {**batch, "poison": np.full(np.shape(batch["inputs"]), flag, np.float32)}
     return real_to_global(batch, batch_sharding)
 
-  def loss(params, graphdef, batch, loss_chunk=0):
-    loss_sum, count = real_loss(params, graphdef, batch, loss_chunk)
-    return (loss_sum * batch["poison"][0, 0] if "poison" in batch else loss_sum), count
+  def loss(params, graphdef, batch, loss_chunk=0, **kwargs):
+    loss_sum, count, *rest = real_loss(params, graphdef, batch, loss_chunk, **kwargs)
+    return ((loss_sum * batch["poison"][0, 0] if "poison" in batch else loss_sum), count, *rest)
 
   monkeypatch.setattr(train_lib, "to_global", to_global)
   monkeypatch.setattr(train_lib, "loss_sum_and_count", loss)

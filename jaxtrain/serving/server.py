@@ -94,7 +94,7 @@ def model_info(engine):
   c = engine.config
   param_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(engine.params))
   n_params = sum(int(x.size) for x in jax.tree.leaves(engine.params))
-  kv = engine.state.cache.k_LBSKH
+  kv = engine.state.cache.ks_BKSH[0]  # one [B, K, S, H] buffer per layer
   kv_bytes_per_token = 2 * c.n_layers * c.kv_heads * c.dim_per_head * kv.dtype.itemsize
   device = jax.devices()[0]
   return {"parameters": n_params, "param_bytes": param_bytes,
