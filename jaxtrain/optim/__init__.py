@@ -158,8 +158,8 @@ def validate_config(opt_cfg) -> None:
     _number(m.adam_lr, f'{p}.adam_lr', lo=0, lo_open=True)
   if m.adam_weight_decay is not None:
     _number(m.adam_weight_decay, f'{p}.adam_weight_decay', lo=0)
-  if isinstance(m.hidden, str) or not all(
-      not isinstance(row, str) and len(row) == 2 for row in m.hidden):
+  if not isinstance(m.hidden, (list, tuple)) or not all(
+      isinstance(row, (list, tuple)) and len(row) == 2 for row in m.hidden):
     raise UserError(f'{p}.hidden must be (regex, layout) pairs, got {m.hidden!r}')
   _regexes([row[0] for row in m.hidden], f'{p}.hidden')
   for regex, layout in m.hidden:
