@@ -186,7 +186,22 @@ class JaxtrainStdlib(tfds.core.GeneratorBasedBuilder):
     pass
 
 
-class StdlibCorpus:
+class _OneUnit:
+  """Corpora read as one serial unit: every split's documents in order (no parallel prepare)."""
+
+  parallel = False
+
+  def units(self) -> list[int]:
+    return [0]
+
+  def unit_documents(self, unit: int) -> Iterator[tuple[str, None, Document]]:
+    del unit
+    for split in SPLITS:
+      for doc in self.documents(split):
+        yield split, None, doc
+
+
+class StdlibCorpus(_OneUnit):
   """The default corpus; `prepare` writes the TFDS dataset into `data_dir` on first use."""
 
   def __init__(self, data_dir: str, max_docs: int, validation_fraction: float):
@@ -219,16 +234,6 @@ class StdlibCorpus:
     with _quiet():
       builder.download_and_prepare(download_config=download_config)
 
-  parallel = False
-
-  def units(self) -> list[int]:
-    return [0]
-
-  def unit_documents(self, unit: int) -> Iterator[tuple[str, None, Document]]:
-    del unit
-    for split in SPLITS:
-      for doc in self.documents(split):
-        yield split, None, doc
 
   def documents(self, split: str) -> Iterator[Document]:
     self.prepare()
@@ -319,7 +324,7 @@ class LocalCorpus:
 # Any TFDS dataset already prepared as ArrayRecord.
 
 
-class TfdsCorpus:
+class TfdsCorpus(_OneUnit):
   """Text from a prepared TFDS dataset (`tfds:NAME`, NAME may carry `/config:version`).
 
   Train is its `train` split; validation is its `validation` split, else `test`, else a hashed
@@ -372,16 +377,6 @@ class TfdsCorpus:
     self.key = f'tfds-{safe}-{fingerprint.hexdigest()[:12]}'
     self.description = f'TFDS {name} in {builder.data_dir}'
 
-  parallel = False
-
-  def units(self) -> list[int]:
-    return [0]
-
-  def unit_documents(self, unit: int) -> Iterator[tuple[str, None, Document]]:
-    del unit
-    for split in SPLITS:
-      for doc in self.documents(split):
-        yield split, None, doc
 
   def documents(self, split: str) -> Iterator[Document]:
     source = self._sources[split]
