@@ -20,11 +20,12 @@ Tokens/s = batch x new tokens / wall time of the whole generation (prefill inclu
 after the other for each batch and repeat, so load on the shared machine hits both alike: compare
 the ratio. Both sides use every core (XLA's CPU client does; `torch.set_num_threads` is set to the
 same count). Decode memory traffic: per decode step jaxtrain reads every weight once (the
-embedding table only at B rows) plus the whole cache it attends over (all S positions of every
-row); GB/s = those bytes / (decode time / steps), against the machine's read bandwidth measured in
-the same run (the best median of a large jax sum and a numpy copy; a copy's bytes count read and
-write). HF's greedy tokens are compared with ours as a check of the conversion (random weights
-have near ties, so a late divergence in fp32 is possible; the report says how many rows agree).
+embedding table only at B rows) plus the cache prefix it attends over (on CPU the smallest of
+`model.cache_windows(S)` holding the longest row, else all S positions); GB/s = those
+bytes / (decode time / steps), against the machine's read bandwidth measured in the same run
+(the best median of a large jax sum and a numpy copy; a copy's bytes count read and write).
+HF's greedy tokens are compared with ours as a check of the conversion (random weights have near
+ties, so a late divergence in fp32 is possible; the report says how many rows agree).
 """
 
 import argparse
@@ -72,7 +73,7 @@ class JaxSide:
     from jaxtrain.serving import generate as gen  # pylint: disable=import-outside-toplevel
     self.gen = gen
     self.c = model.config
-    self.graphdef, self.params = gen.serving_params(model)
+    self.config, self.weights = gen.serving_params(model)
     self.batch, self.prompt_len, self.new, self.chunk = batch, prompt_len, new, chunk
     self.S = gen.bucket(prompt_len + new)
     self.T = gen.bucket(prompt_len)
@@ -87,27 +88,29 @@ class JaxSide:
     lengths_B = np.full((self.batch,), self.prompt_len, np.int32)
     steps = -(-(self.new - 1) // self.chunk) * self.chunk
     start = time.perf_counter()
-    first_B, prefix = gen.prefill(self.graphdef, self.params, tokens_BT, lengths_B, self.sampling)
+    first_B, prefix = gen.prefill(self.config, self.weights, tokens_BT, lengths_B, self.sampling)
     self.state = gen.insert(self.state, prefix, first_B, self.sampling, 0)
     first_B = np.asarray(first_B)  # what the engine reads at once (the first token's latency)
     middle = time.perf_counter()
     chunks = []
     for _ in range(steps // self.chunk):
-      self.state, tokens_SB = gen.decode(self.graphdef, self.params, self.state, self.chunk)
+      self.state, tokens_SB = gen.decode(self.config, self.weights, self.state, self.chunk)
       chunks.append(tokens_SB)
     chunks = [np.asarray(t) for t in chunks]
     end = time.perf_counter()
     out_BN = np.concatenate([first_B[:, None]] + [t.T for t in chunks], axis=1)[:, :self.new]
     return out_BN, end - start, end - middle, steps
 
-  def bytes_per_step(self):
+  def bytes_per_step(self, steps):
+    """Mean bytes a decode step reads: the weights, and the cache prefix attention reads (the
+    window holding the longest row, `model.cache_windows`) over the `steps` steps run."""
+    from jaxtrain import model as model_lib  # pylint: disable=import-outside-toplevel
     c = self.c
-    import jax  # pylint: disable=import-outside-toplevel
-    leaves = jax.tree.leaves(self.params)
-    weights = sum(x.size * x.dtype.itemsize for x in leaves)
-    weights -= c.vocab_size * c.d_model * 4 - self.batch * c.d_model * 4  # embedding: B rows read
-    kv = 2 * c.n_layers * self.batch * self.S * c.kv_heads * c.dim_per_head * 4
-    return weights + kv
+    windows = model_lib.cache_windows(self.S)
+    read = [min(w for w in windows if w >= min(self.prompt_len + i, self.S)) for i in range(steps)]
+    per_position = 2 * c.n_layers * self.batch * c.kv_heads * c.dim_per_head * 4
+    kv = per_position * sum(read) / len(read)
+    return model_lib.serving_bytes_per_step(self.weights, self.batch) + kv
 
 
 class HFSide:
@@ -213,7 +216,7 @@ def main(argv=None):
     row.append(f"{th / tj:.2f}x" if tj and th else "-")
     if tj:
       step = statistics.median(decode_times[b]) / steps[b]
-      gbs = jax_sides[b].bytes_per_step() / step / 1e9
+      gbs = jax_sides[b].bytes_per_step(steps[b]) / step / 1e9
       row += [f"{step * 1e3:.2f}", f"{gbs:.1f}", f"{gbs / peak:.0%}"]
     else:
       row += ["-", "-", "-"]

@@ -263,7 +263,11 @@ class Attention(nnx.Module):
     self.wv = _param(rngs, (layers, D, K, H), std, pd, ("layers", "embed", "kv_heads", "head_dim"))
     self.wo = _param(rngs, (layers, N, H, D), out_std, pd, ("layers", "heads", "head_dim", "embed"))
 
-  def __call__(self, x_BTD, positions_BT, rope, impl, kv_cache=None):
+  def __call__(self, x_BTD, positions_BT, rope, impl, max_logits=False):
+    """(output [B, T, D], each head's largest attention logit [N] if `max_logits`, else None).
+
+    QK-clip (optim/qk_clip.py) reads the max logits. Decoding has its own function over fused
+    weights (`serving_layer`)."""
     dt = x_BTD.dtype
     heads = ("batch", "seq", "heads", "head_dim")
     kv_heads = ("batch", "seq", "kv_heads", "head_dim")
@@ -275,37 +279,10 @@ class Attention(nnx.Module):
     q_BTNH = rotate(project(self.wq, "q_proj", heads), *rope)
     k_BTKH = rotate(project(self.wk, "k_proj", kv_heads), *rope)
     v_BTKH = project(self.wv, "v_proj", kv_heads)
-    if kv_cache is None or kv_cache is MAX_LOGITS:
-      out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, impl=impl)
-      # QK-clip (optim/qk_clip.py) reads each head's largest logit; the cache slot carries it.
-      new_cache = None if kv_cache is None else attention_lib.max_logits(q_BTNH, k_BTKH)
-    elif kv_cache is PREFILL:
-      # Right-padded prompts from position 0: plain causal attention (the fast path: cuDNN on
-      # GPU, blocked on CPU) is exact for every real token, which never sees the pads after it.
-      out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, impl=impl)
-      new_cache = (k_BTKH, v_BTKH)
-    else:
-      # One new token per row against this layer's cache [B, K, S, H]: attend over the cached
-      # positions and the new key, then write the new key and value at the row's length. The
-      # write comes last so it only feeds the carried cache and is done in place (attending
-      # over the written buffer made XLA:CPU duplicate the write into the attention fusion and
-      # copy the whole cache every step).
-      k_BKSH, v_BKSH, lengths_B = kv_cache
-      out_BTNH = decode_attention(q_BTNH, k_BTKH, v_BTKH, k_BKSH.astype(dt), v_BKSH.astype(dt),
-                                  lengths_B)
-      # The written values are made to depend on the attention output (adding 0 * one of its
-      # elements), so XLA sees that every read of the old cache comes before the in-place write;
-      # without that data dependence XLA:CPU copied each layer's cache twice per step.
-      after_B11 = (out_BTNH[:, 0, :1, :1] * 0).astype(k_BTKH.dtype)
-      new_cache = (write_row(k_BKSH, k_BTKH[:, 0] + after_B11, lengths_B),
-                   write_row(v_BKSH, v_BTKH[:, 0] + after_B11, lengths_B))
-      # The output projection as one [B, N*H] x [N*H, D] product: with the einsum over (n, h)
-      # XLA:CPU transposed wo (a weight copy per layer per step) rather than the activation.
-      B, T, N, H = out_BTNH.shape
-      wo_ED = self.wo[...].astype(dt).reshape(N * H, -1)
-      return jnp.einsum("bte,ed->btd", out_BTNH.reshape(B, T, N * H), wo_ED), new_cache
+    out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, impl=impl)
+    max_N = attention_lib.max_logits(q_BTNH, k_BTKH) if max_logits else None
     out_BTNH = sharding.constrain(_name(out_BTNH, "attention"), heads)
-    return jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dt)), new_cache
+    return jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dt)), max_N
 
 
 class MLP(nnx.Module):
@@ -346,13 +323,14 @@ class Blocks(nnx.Module):
     self.mlp_norm = RMSNorm(c.d_model, c.norm_eps, pd, layers=L)
     self.mlp = MLP(c, layers=L, rngs=rngs)
 
-  def layer(self, x_BTD, positions_BT, rope, impl, kv_cache=None):
-    """One block; `self` holds a single layer's parameters here. `rope`: (cos, sin) tables."""
+  def layer(self, x_BTD, positions_BT, rope, impl, max_logits=False):
+    """One block; `self` holds a single layer's parameters here. `rope`: (cos, sin) tables.
+    Returns (x, the attention's per-head max logits or None)."""
     residual = ("batch", "seq", "embed")
-    h_BTD, new_cache = self.attn(self.attn_norm(x_BTD), positions_BT, rope, impl, kv_cache)
+    h_BTD, max_N = self.attn(self.attn_norm(x_BTD), positions_BT, rope, impl, max_logits)
     x_BTD = sharding.constrain(x_BTD + h_BTD, residual)
     x_BTD = sharding.constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), residual)
-    return x_BTD, new_cache
+    return x_BTD, max_N
 
 
 def _remat(fn, policy):
@@ -386,15 +364,10 @@ class Llama(nnx.Module):
       return self.embed.embedding[...].T
     return self.lm_head.kernel[...]
 
-  def hidden_states(self, tokens_BT, positions_BT=None, kv_caches=None, with_max_logits=False):
+  def hidden_states(self, tokens_BT, positions_BT=None, with_max_logits=False):
     """Final-normed hidden states [B, T, D] in the compute dtype.
 
-    With `kv_caches` (a `KVCache`) this is one decoding step of T=1 token per row at
-    the rows' lengths, returning (hidden states [B, 1, D], new cache); see `decode`.
     `with_max_logits` returns (hidden states, each layer's per-head max attention logit [L, N])."""
-    if kv_caches is not None:
-      h_BD, new_cache = self.decode(tokens_BT[:, 0], kv_caches)
-      return h_BD[:, None], new_cache
     c = self.config
     dt = DTYPES[c.dtype]
     B, T = tokens_BT.shape
@@ -404,85 +377,24 @@ class Llama(nnx.Module):
     x_BTD = sharding.constrain(self.embed(tokens_BT).astype(dt), ("batch", "seq", "embed"))
     graphdef, stacked = nnx.split(self.blocks)
 
-    def body(x_BTD, layer_state, kv_cache):
+    def body(x_BTD, layer_state):
       layer = nnx.merge(graphdef, layer_state)
-      return layer.layer(x_BTD, positions_BT, rope, c.attention, kv_cache)
+      return layer.layer(x_BTD, positions_BT, rope, c.attention, with_max_logits)
 
     body = _remat(body, c.remat)
-    marker = MAX_LOGITS if with_max_logits else None
     if c.scan_layers:
       def scan_body(x_BTD, layer_state):
-        return body(x_BTD, layer_state, marker)
+        return body(x_BTD, layer_state)
       x_BTD, max_logits_LN = jax.lax.scan(scan_body, x_BTD, stacked)
     else:
       per_layer = []
       for i in range(c.n_layers):
         layer_state = jax.tree.map(lambda a, i=i: a[i], stacked)
-        x_BTD, layer_max_N = body(x_BTD, layer_state, marker)
+        x_BTD, layer_max_N = body(x_BTD, layer_state)
         per_layer.append(layer_max_N)
       max_logits_LN = jnp.stack(per_layer) if with_max_logits else None
     x_BTD = self.final_norm(x_BTD)
     return (x_BTD, max_logits_LN) if with_max_logits else x_BTD
-
-  # -------------------------------------------------------------------------------------------
-  # Decoding: prefill a right-padded prompt batch, then decode one token per row at a time
-  # against a `KVCache`. Both run the layers as an unrolled loop over `layers`, a sequence of
-  # per-layer parameter dicts in separate buffers (`unstack_layers`), not as a scan over the
-  # stacked weights: on XLA:CPU every layer slice of a stacked array is a copy, so a scanned
-  # decode step read each weight twice and wrote it once (benchmarks/decode.py, docs/benchmarks.md).
-
-  def _layer_params(self, layers):
-    if layers is not None:
-      return layers
-    _, stacked = nnx.split(self.blocks)
-    return unstack_layers(nnx.to_pure_dict(stacked), self.config.n_layers)
-
-  def _run_layers(self, x_BTD, positions_BT, layers, layer_caches):
-    """The blocks, unrolled over per-layer params; returns (x, each layer's cache output)."""
-    c = self.config
-    rope = rope_tables(positions_BT, jnp.asarray(rope_frequencies(c)))
-    graphdef = nnx.graphdef(self.blocks)
-    outputs = []
-    for layer_params, layer_cache in zip(layers, layer_caches):
-      layer = nnx.merge(graphdef, layer_params)
-      x_BTD, out = layer.layer(x_BTD, positions_BT, rope, c.attention, layer_cache)
-      outputs.append(out)
-    return x_BTD, outputs
-
-  def prefill(self, tokens_BT, lengths_B, layers=None):
-    """Prompts right-padded to T, `lengths_B` real tokens each.
-
-    Returns the final-normed hidden state at each row's last real token [B, D] (so the caller
-    computes one row of logits, not T) and a `KVCache` of length T holding the prompt.
-    `layers`: per-layer params (`unstack_layers`); default: sliced from this model's blocks.
-    """
-    c = self.config
-    B, T = tokens_BT.shape
-    layers = self._layer_params(layers)
-    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    x_BTD = self.embed(tokens_BT).astype(DTYPES[c.dtype])
-    x_BTD, kv = self._run_layers(x_BTD, positions_BT, layers, [PREFILL] * len(layers))
-    last_B = jnp.clip(lengths_B - 1, 0, T - 1)
-    x_BD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
-    ks = tuple(k_BTKH.transpose(0, 2, 1, 3) for k_BTKH, _ in kv)
-    vs = tuple(v_BTKH.transpose(0, 2, 1, 3) for _, v_BTKH in kv)
-    return self.final_norm(x_BD), KVCache(ks, vs, lengths_B.astype(jnp.int32))
-
-  def decode(self, tokens_B, cache, layers=None):
-    """One decoding step: token b sits at position `cache.lengths_B[b]`.
-
-    Each layer attends over its cache and the new key, then writes the new key and value into
-    its own cache buffer (in place, each row at its own length; rows at or past the cache's end
-    are dropped, never wrapped). Returns (final-normed hidden states [B, D], new cache).
-    """
-    c = self.config
-    layers = self._layer_params(layers)
-    lengths_B = cache.lengths_B
-    x_B1D = self.embed(tokens_B[:, None]).astype(DTYPES[c.dtype])
-    layer_caches = [(k, v, lengths_B) for k, v in zip(cache.ks_BKSH, cache.vs_BKSH)]
-    x_B1D, kv = self._run_layers(x_B1D, lengths_B[:, None], layers, layer_caches)
-    new = KVCache(tuple(k for k, _ in kv), tuple(v for _, v in kv), lengths_B + 1)
-    return self.final_norm(x_B1D[:, 0]), new
 
   def logits(self, x_BTD):
     """fp32 logits from hidden states: the matmul accumulates and returns fp32."""
@@ -493,20 +405,49 @@ class Llama(nnx.Module):
     return self.logits(self.hidden_states(tokens_BT))
 
 
-# Marker for `Attention`: prefill mode (fast causal attention, return this layer's keys/values).
-PREFILL = "prefill"
-# Marker for `Attention`: training attention that also returns its per-head max logit (QK-clip).
-MAX_LOGITS = "max_logits"
-
-
 def write_row(cache_BKSH, new_BKH, positions_B):
   """Row b's new key (or value) at position positions_B[b]; at or past S it is dropped."""
   b_B = jnp.arange(cache_BKSH.shape[0])
   return cache_BKSH.at[b_B, :, positions_B].set(new_BKH.astype(cache_BKSH.dtype), mode="drop")
 
 
+def cache_windows(S, platform=None):
+  """The cache prefixes decode attention may read: multiples of S/8 (at least 16 positions) on
+  XLA:CPU, only all of S elsewhere.
+
+  XLA:CPU copies each window's slice before its dots, and still gains: batch-8 decode of the 35M
+  model ran at 446 against 402 tokens/s (medians of 4 alternating runs, 2026-12-07). On a GPU a
+  copied slice would cost more than it saves past a third of the cache, and whether XLA:GPU fuses
+  the slice into the products is not measured yet, so GPUs read the whole cache.
+  """
+  if (platform or jax.default_backend()) != "cpu":
+    return (S,)
+  return tuple(sorted({min(S, max(16, -(-S * i // 8))) for i in range(1, 9)}))
+
+
 def decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B):
   """One query per row over its cached keys [0, length) and its own new key.
+
+  Only a prefix of the cache is read: the smallest of `cache_windows(S)` that holds the longest
+  row (a `lax.switch` over static slices), so a step early in a long cache reads a fraction of
+  it, as paged attention reads only the real lengths. The result is the same as reading all S.
+  """
+  S = k_BKSH.shape[2]
+  windows = cache_windows(S)
+  if len(windows) == 1:
+    return _decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B)
+  index = jnp.searchsorted(jnp.asarray(windows, jnp.int32), jnp.max(lengths_B))
+  branches = [functools.partial(_decode_window, w) for w in windows]
+  return jax.lax.switch(jnp.minimum(index, len(windows) - 1), branches,
+                        q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B)
+
+
+def _decode_window(w, q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B):
+  return _decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BKSH[:, :, :w], v_BKSH[:, :, :w], lengths_B)
+
+
+def _decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B):
+  """`decode_attention` over all of the (possibly sliced) cache it is given.
 
   The new key is scored separately and joined at the (tiny) score level, so the cache is read
   once and never copied (a concatenation would copy all of it in every layer). The cache
@@ -579,10 +520,134 @@ class KVCache:
     return KVCache(ks, vs, lengths)
 
 
-def unstack_layers(blocks, n_layers):
-  """Per-layer copies (a tuple of L dicts) of the stacked block params `blocks` (a pure dict
-  with a leading layer axis): separate buffers for the unrolled decoding loop."""
-  return tuple(jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(n_layers))
+# ---------------------------------------------------------------------------------------------
+# Decoding: prefill right-padded prompts, then decode one token per row at a time against a
+# `KVCache`, as plain functions over `serving_weights` (jax-llm-examples style). The layers run
+# unrolled over per-layer buffers: a layer slice of stacked weights (what a scan over the layers
+# reads) is a copy on XLA:CPU, so a scanned decode step read every weight twice and wrote it once.
+
+
+def serving_weights(model: Llama) -> dict:
+  """The weights decoding reads, made once: {"embed" [V, D], "final_norm" [D], "head" [D, V],
+  "layers": a tuple of L dicts}, every array in the compute dtype (a bf16 model with fp32 master
+  weights reads half the bytes per token) and in its own buffer.
+
+  Each layer's q/k/v kernels are joined into one [D, (N + 2K) H] product and gate/up into one
+  [D, 2F] product: with a few rows per step these products are bound by weight reads and per-op
+  cost, and fewer, larger ones run faster (measured on XLA:CPU: docs/benchmarks.md; vLLM's merged
+  QKV and gate/up layers do the same on GPUs). Training keeps them apart, which tensor
+  parallelism needs.
+  """
+  c = model.config
+  dt = DTYPES[c.dtype]
+  D = c.d_model
+  _, params = params_of(model)
+  blocks = params["blocks"]
+  attn, mlp = blocks["attn"], blocks["mlp"]
+  layers = []
+  for i in range(c.n_layers):
+    layers.append({
+        "attn_norm": blocks["attn_norm"]["scale"][i].astype(dt),
+        "wqkv": jnp.concatenate([attn[w][i].reshape(D, -1) for w in ("wq", "wk", "wv")],
+                                axis=1).astype(dt),
+        "wo": attn["wo"][i].reshape(-1, D).astype(dt),
+        "mlp_norm": blocks["mlp_norm"]["scale"][i].astype(dt),
+        "w_gate_up": jnp.concatenate([mlp["w_gate"][i], mlp["w_up"][i]], axis=1).astype(dt),
+        "w_down": mlp["w_down"][i].astype(dt),
+    })
+  embed = params["embed"]["embedding"]
+  head = embed.T if c.tie_embeddings else params["lm_head"]["kernel"]
+  return {"embed": embed.astype(dt), "final_norm": params["final_norm"]["scale"].astype(dt),
+          "head": jnp.array(head, dt), "layers": tuple(layers)}
+
+
+def serving_bytes_per_step(weights: dict, batch: int) -> int:
+  """Weight bytes one decode step reads: every layer, the final norm and the head, and `batch`
+  rows of the embedding table."""
+  embed = weights["embed"]
+  rest = {k: v for k, v in weights.items() if k != "embed"}
+  return (sum(int(x.nbytes) for x in jax.tree.leaves(rest))
+          + batch * embed.shape[1] * embed.dtype.itemsize)
+
+
+def serving_layer(c: ModelConfig, p: dict, x_BTD, rope, cache):
+  """One block over fused weights `p` (`serving_weights`); returns (x, this layer's new cache).
+
+  `cache` is None for prefill (the fast causal attention over the right-padded prompt, from
+  position 0; returns its keys and values [B, T, K, H]) or (k_BKSH, v_BKSH, lengths_B) for a
+  decode step of one token per row (T = 1, each row at its own length).
+  """
+  B, T, _ = x_BTD.shape
+  N, K, H = c.n_heads, c.kv_heads, c.dim_per_head
+  qkv_BTE = jnp.einsum("btd,de->bte", rms_norm(x_BTD, p["attn_norm"], c.norm_eps), p["wqkv"])
+  q_BTNH = rotate(qkv_BTE[..., :N * H].reshape(B, T, N, H), *rope)
+  k_BTKH = rotate(qkv_BTE[..., N * H:(N + K) * H].reshape(B, T, K, H), *rope)
+  v_BTKH = qkv_BTE[..., (N + K) * H:].reshape(B, T, K, H)
+  if cache is None:
+    # Right-padded prompts: plain causal attention is exact for every real token, which never
+    # sees the pads after it.
+    out_BTNH = attention_lib.attention(q_BTNH, k_BTKH, v_BTKH, impl=c.attention)
+    new_cache = (k_BTKH, v_BTKH)
+  else:
+    k_BKSH, v_BKSH, lengths_B = cache
+    out_BTNH = decode_attention(q_BTNH, k_BTKH, v_BTKH, k_BKSH, v_BKSH, lengths_B)
+    # The write comes after the reads so that it only feeds the carried cache and is done in
+    # place: the written values depend on the attention output (adding 0 * one of its
+    # elements), so XLA orders every read of the old cache first (without that XLA:CPU
+    # copied each layer's cache twice per step).
+    after_B11 = (out_BTNH[:, 0, :1, :1] * 0).astype(k_BTKH.dtype)
+    new_cache = (write_row(k_BKSH, k_BTKH[:, 0] + after_B11, lengths_B),
+                 write_row(v_BKSH, v_BTKH[:, 0] + after_B11, lengths_B))
+  x_BTD = x_BTD + jnp.einsum("bte,ed->btd", out_BTNH.reshape(B, T, N * H), p["wo"])
+  gu_BTG = jnp.einsum("btd,dg->btg", rms_norm(x_BTD, p["mlp_norm"], c.norm_eps), p["w_gate_up"])
+  gate_BTF, up_BTF = jnp.split(gu_BTG, 2, axis=-1)
+  return x_BTD + jnp.einsum("btf,fd->btd", jax.nn.silu(gate_BTF) * up_BTF, p["w_down"]), new_cache
+
+
+def _run_serving_layers(c, weights, tokens_BT, positions_BT, caches):
+  rope = rope_tables(positions_BT, jnp.asarray(rope_frequencies(c)))
+  x_BTD = weights["embed"][tokens_BT]
+  outputs = []
+  for p, cache in zip(weights["layers"], caches):
+    x_BTD, out = serving_layer(c, p, x_BTD, rope, cache)
+    outputs.append(out)
+  return x_BTD, outputs
+
+
+def prefill(c: ModelConfig, weights: dict, tokens_BT, lengths_B):
+  """Prompts right-padded to T, `lengths_B` real tokens each.
+
+  Returns the final-normed hidden state at each row's last real token [B, D] (so the caller
+  computes one row of logits, not T) and a `KVCache` of length T holding the prompts.
+  """
+  B, T = tokens_BT.shape
+  positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  x_BTD, kv = _run_serving_layers(c, weights, tokens_BT, positions_BT, [None] * c.n_layers)
+  last_B = jnp.clip(lengths_B - 1, 0, T - 1)
+  x_BD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
+  ks = tuple(k_BTKH.transpose(0, 2, 1, 3) for k_BTKH, _ in kv)
+  vs = tuple(v_BTKH.transpose(0, 2, 1, 3) for _, v_BTKH in kv)
+  x_BD = rms_norm(x_BD, weights["final_norm"], c.norm_eps)
+  return x_BD, KVCache(ks, vs, lengths_B.astype(jnp.int32))
+
+
+def decode(c: ModelConfig, weights: dict, tokens_B, cache):
+  """One decoding step: token b sits at position `cache.lengths_B[b]`.
+
+  Each layer attends over its cache and the new key, then writes the new key and value into its
+  own cache buffer (in place, each row at its own length; rows at or past the cache's end are
+  dropped, never wrapped). Returns (final-normed hidden states [B, D], new cache).
+  """
+  lengths_B = cache.lengths_B
+  caches = [(k, v, lengths_B) for k, v in zip(cache.ks_BKSH, cache.vs_BKSH)]
+  x_B1D, kv = _run_serving_layers(c, weights, tokens_B[:, None], lengths_B[:, None], caches)
+  x_BD = rms_norm(x_B1D[:, 0], weights["final_norm"], c.norm_eps)
+  return x_BD, KVCache(tuple(k for k, _ in kv), tuple(v for _, v in kv), lengths_B + 1)
+
+
+def serving_logits(weights: dict, h_BD):
+  """fp32 logits [B, V] of final-normed hidden states (as `Llama.logits`)."""
+  return ops.einsum("bd,dv->bv", h_BD, weights["head"], preferred_element_type=jnp.float32)
 
 
 def create(c: ModelConfig, seed: int = 0) -> Llama:

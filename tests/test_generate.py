@@ -1,6 +1,9 @@
 """Decoding: the cached path equals recomputing the full forward, batching and slots change
 nothing, sampling is per request, the cache never wraps, and nothing retraces after warm-up."""
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -95,6 +98,41 @@ def test_cache_writes_past_its_end_are_dropped_not_wrapped(model):
   assert (k_LBKSH[:, 0, :, 3] == 1).all() and (k_LBKSH[:, 0, :, :3] == 0).all()
   assert (k_LBKSH[:, 1] == 0).all()  # row 1 was full: nothing written, slot 0 untouched
   assert new.lengths_B.tolist() == [4, 5]
+
+
+def test_windowed_decode_attention_equals_reading_the_whole_cache():
+  B, N, K, H, S = 3, 4, 2, 8, 64
+  assert model_lib.cache_windows(S, "cpu")[:3] == (16, 24, 32)
+  assert model_lib.cache_windows(S, "gpu") == (S,)
+  rng = np.random.default_rng(0)
+  q, k1, v1 = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+               for shape in [(B, 1, N, H), (B, 1, K, H), (B, 1, K, H)])
+  k, v = (jnp.asarray(rng.standard_normal((B, K, S, H)), jnp.float32) for _ in range(2))
+  windowed = jax.jit(model_lib.decode_attention)
+  whole = model_lib._decode_attention  # pylint: disable=protected-access
+  # Longest rows 16, 17, 40 and 64: the first, second, a middle and the whole window.
+  for lengths in ([0, 3, 16], [17, 1, 5], [40, 2, 39], [64, 63, 0]):
+    lengths_B = jnp.asarray(lengths, jnp.int32)
+    np.testing.assert_allclose(windowed(q, k1, v1, k, v, lengths_B),
+                               whole(q, k1, v1, k, v, lengths_B),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_serving_weights_are_fused_once_in_the_compute_dtype():
+  c = dataclasses.replace(TINY, dtype="bfloat16")
+  bf16_model = model_lib.create(c, seed=2)
+  weights = model_lib.serving_weights(bf16_model)
+  D, N, K, H, F = c.d_model, c.n_heads, c.kv_heads, c.dim_per_head, c.d_ff
+  layer = weights["layers"][1]
+  assert layer["wqkv"].shape == (D, (N + 2 * K) * H) and layer["w_gate_up"].shape == (D, 2 * F)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(weights))
+  wk = bf16_model.blocks.attn.wk[...][1].reshape(D, K * H).astype(jnp.bfloat16)
+  assert (layer["wqkv"][:, N * H:(N + K) * H] == wk).all()
+  # A step reads every weight but the embedding table, of which only the batch's rows.
+  n = model_lib.param_counts(c)["total"] - c.vocab_size * D
+  assert model_lib.serving_bytes_per_step(weights, 4) == 2 * (n + 4 * D)
+  out = jaxtrain.generate(bf16_model, [PROMPTS[0]], max_new_tokens=4)[0]
+  assert len(out.tokens) == 4 and all(0 <= t < c.vocab_size for t in out.tokens)
 
 
 def test_bad_requests_are_user_errors_naming_the_problem(model):

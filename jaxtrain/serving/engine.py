@@ -70,7 +70,7 @@ class Engine:
                max_prompt_len=None):
     c = model.config
     self.config = c
-    self.graphdef, self.params = gen.serving_params(model)
+    _, self.weights = gen.serving_params(model)
     self.tokenizer = tokenizer
     self.slots = int(slots)
     self.max_len = int(max_len or c.max_seq_len)
@@ -144,7 +144,7 @@ class Engine:
       tokens[0, :n] = request.prompt
       sampling = gen.Sampling.make([request.temperature], [request.top_k], [request.top_p],
                                    [request.seed])
-      first, prefix = gen.prefill(self.graphdef, self.params, tokens, np.array([n], np.int32),
+      first, prefix = gen.prefill(self.config, self.weights, tokens, np.array([n], np.int32),
                                   sampling)
       self.state = gen.insert(self.state, prefix, first, sampling, slot)
       self.active[slot] = request
@@ -209,7 +209,7 @@ class Engine:
     busy = any(r is not None and r.finish_reason is None for r in self.active)
     previous, self._pending = self._pending, None
     if busy:
-      self.state, tokens_SB = gen.decode(self.graphdef, self.params, self.state, self.chunk)
+      self.state, tokens_SB = gen.decode(self.config, self.weights, self.state, self.chunk)
       self.decode_steps += self.chunk
       self._pending = (tokens_SB, list(self.active))
     # Requests finished by their prefill token free their slot without a decode.

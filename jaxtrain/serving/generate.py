@@ -1,16 +1,16 @@
-"""Jitted decoding over a stacked KV cache: bucketed prefill, insert, multi-step decode, sampling.
+"""Jitted decoding over a per-layer KV cache: bucketed prefill, insert, multi-step decode, sampling.
 
-JetStream / jax-llm-examples style, as pure functions over `(graphdef, params)`:
+JetStream / jax-llm-examples style, as pure functions over `(config, weights)` (`serving_params`):
 
-  prefill(graphdef, params, tokens_BT, lengths_B, sampling)  -> (first token, prefix cache)
-  insert(state, prefix, first_B, sampling, slot)             -> decode state, rows filled
-  decode(graphdef, params, state, steps)                     -> (state, tokens [steps, B])
+  prefill(config, weights, tokens_BT, lengths_B, sampling)  -> (first token, prefix cache)
+  insert(state, prefix, first_B, sampling, slot)            -> decode state, rows filled
+  decode(config, weights, state, steps)                     -> (state, tokens [steps, B])
 
 Prompts are right-padded to a power-of-two bucket, so prefill compiles once per bucket; decode
 compiles once per (slots, cache length, steps); nothing is retraced per token or per request
 (`TRACES` counts traces, tests check it). The cache is donated to decode and insert, so it is
 updated in place. The layers run unrolled over per-layer weight and cache buffers
-(`serving_params`, `model.KVCache`): no layer slice is ever copied.
+(`model.serving_weights`, `model.KVCache`): no layer slice is ever copied.
 
 Sampling (per row, so rows of one batch may ask for different things): greedy when the
 temperature is 0, otherwise logits / temperature, then top-k, then top-p, as HF and vLLM order
@@ -25,7 +25,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxtrain import model as model_lib
 
@@ -113,39 +112,17 @@ def sample(logits_BV, positions_B, sampling):
 
 
 def serving_params(model):
-  """(graphdef, params) that prefill and decode take: params is {"model": the model's params
-  without its blocks, "layers": a tuple of per-layer block params in separate buffers}.
-
-  The layers run unrolled over those buffers: a layer slice of the stacked weights (what a scan
-  over the layers reads) is a copy on XLA:CPU, so a decode step read every weight twice and
-  wrote it once (docs/benchmarks.md). The per-layer copies are made once, here.
-  """
-  graphdef, params = model_lib.params_of(model)
-  blocks = params.pop("blocks")
-  return graphdef, {"model": params,
-                    "layers": model_lib.unstack_layers(blocks, model.config.n_layers)}
+  """(config, weights) that prefill and decode take: `model.serving_weights`, made once (fused
+  per-layer buffers in the compute dtype)."""
+  return model.config, model_lib.serving_weights(model)
 
 
-def _merge(graphdef, params):
-  """(model, per-layer params); the model's stacked blocks are shape-only placeholders that
-  the decoding path never reads."""
-  layers = params["layers"]
-  blocks = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(layers),) + a.shape, a.dtype),
-                        layers[0])
-  return nnx.merge(graphdef, {**params["model"], "blocks": blocks}), layers
-
-
-def _logits(model, h_BD):
-  return model.logits(h_BD[:, None])[:, 0]
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def prefill(graphdef, params, tokens_BT, lengths_B, sampling):
+@functools.partial(jax.jit, static_argnames=("config",))
+def prefill(config, weights, tokens_BT, lengths_B, sampling):
   """(first generated token [B], prefix KVCache of length T) for right-padded prompts."""
   TRACES["prefill"] += 1
-  model, layers = _merge(graphdef, params)
-  h_BD, prefix = model.prefill(tokens_BT, lengths_B, layers)
-  return sample(_logits(model, h_BD), lengths_B, sampling), prefix
+  h_BD, prefix = model_lib.prefill(config, weights, tokens_BT, lengths_B)
+  return sample(model_lib.serving_logits(weights, h_BD), lengths_B, sampling), prefix
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -162,8 +139,8 @@ def insert(state, prefix, first_B, sampling, slot):
                      jax.tree.map(put, state.sampling, sampling))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps"), donate_argnames=("state",))
-def decode(graphdef, params, state, steps):
+@functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnames=("state",))
+def decode(config, weights, state, steps):
   """`steps` decoding steps in one dispatch; returns (state, tokens [steps, B]).
 
   Each step feeds every row's last token at its own length and samples the next one for the
@@ -171,11 +148,10 @@ def decode(graphdef, params, state, steps):
   rows that reach the cache's end stop writing (see `KVCache.write`).
   """
   TRACES["decode"] += 1
-  model, layers = _merge(graphdef, params)
 
   def step(state, _):
-    h_BD, cache = model.decode(state.tokens_B, state.cache, layers)
-    next_B = sample(_logits(model, h_BD), cache.lengths_B, state.sampling)
+    h_BD, cache = model_lib.decode(config, weights, state.tokens_B, state.cache)
+    next_B = sample(model_lib.serving_logits(weights, h_BD), cache.lengths_B, state.sampling)
     return DecodeState(cache, next_B, state.sampling), next_B
 
   return jax.lax.scan(step, state, None, length=steps)

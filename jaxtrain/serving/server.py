@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import jax
 
 from jaxtrain import hardware
+from jaxtrain import model as model_lib
 from jaxtrain.errors import UserError
 from jaxtrain.serving import engine as engine_lib
 
@@ -92,8 +93,10 @@ def _is_number(v):
 def model_info(engine):
   """Sizes a benchmark needs for bytes-per-decode-step (exposed by /v1/models)."""
   c = engine.config
-  param_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(engine.params))
-  n_params = sum(int(x.size) for x in jax.tree.leaves(engine.params))
+  # Bytes of the weights one decode step reads (all but the embedding table, of which only the
+  # batch's rows): what the benchmark's bandwidth divides by TPOT.
+  param_bytes = model_lib.serving_bytes_per_step(engine.weights, 0)
+  n_params = model_lib.param_counts(c)["total"]
   kv = engine.state.cache.ks_BKSH[0]  # one [B, K, S, H] buffer per layer
   kv_bytes_per_token = 2 * c.n_layers * c.kv_heads * c.dim_per_head * kv.dtype.itemsize
   device = jax.devices()[0]
