@@ -24,20 +24,9 @@ fi
 
 out=${OUT:-runs/gpu}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
+gpu_setup "$out/env.txt" || exit 1
 budget=${BUDGET:-500}
-
-{
-  date -u
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  python3 -c 'import jax, flax, optax, orbax.checkpoint as o; print("jax", jax.__version__,
-    "flax", flax.__version__, "optax", optax.__version__, "orbax", o.__version__, jax.devices())'
-} 2>&1 | tee "$out/env.txt"
 
 python3 benchmarks/gpu_mfu.py --sizes=125m,350m,1.4b --json="$out/gpu_mfu.jsonl" --timeout=240 \
   "$@" 2>&1 | tee "$out/adamw.md"

@@ -20,20 +20,9 @@ size=${1:-35m}
 out=${OUT:-runs/gpu_study}
 runs=${RUNS:-/tmp/gpu_study}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
+gpu_setup "$out/env_$size.txt" || exit 1
 budget=${BUDGET:-720}
-
-{
-  date -u
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
-  python3 -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
-    "optax", optax.__version__, jax.devices())'
-} 2>&1 | tee "$out/env_$size.txt"
 
 case "$size" in
   # 35M: 300 steps of 32 x 1024 tokens (9.8M tokens, ~14 tokens per parameter of the model).
