@@ -285,6 +285,32 @@ class Attention(nnx.Module):
     return jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo[...].astype(dt)), max_N
 
 
+@jax.custom_vjp
+def linear(x_BTD, w_DF):
+  """x @ w (an MLP projection), with the weight gradient written as x^T dy.
+
+  JAX's own transpose rule writes the weight gradient as (dy^T x)^T, and XLA:CPU then transposes
+  the wide dy ([B*T, F]) in the fusion that computes it (the SwiGLU backward; measured in
+  docs/benchmarks.md); written x^T dy, XLA transposes the narrow x, which gate and up share.
+  The math and what is saved (x and w; under remat what the policy names) are autodiff's; GPUs
+  fold either transpose into the product.
+  """
+  return jnp.einsum("btd,df->btf", x_BTD, w_DF)
+
+
+def _linear_fwd(x_BTD, w_DF):
+  return linear(x_BTD, w_DF), (x_BTD, w_DF)
+
+
+def _linear_bwd(residuals, dy_BTF):
+  x_BTD, w_DF = residuals
+  return (jnp.einsum("btf,df->btd", dy_BTF, w_DF).astype(x_BTD.dtype),
+          jnp.einsum("btd,btf->df", x_BTD, dy_BTF).astype(w_DF.dtype))
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
 class MLP(nnx.Module):
 
   def __init__(self, c: ModelConfig, *, layers, rngs):
@@ -301,11 +327,11 @@ class MLP(nnx.Module):
     hidden = ("batch", "seq", "mlp")
 
     def project(w, name):
-      y_BTF = jnp.einsum("btd,df->btf", x_BTD, w[...].astype(dt))
+      y_BTF = linear(x_BTD, w[...].astype(dt))
       return sharding.constrain(_name(y_BTF, name), hidden)
 
     h_BTF = jax.nn.silu(project(self.w_gate, "mlp_gate")) * project(self.w_up, "mlp_up")
-    return jnp.einsum("btf,fd->btd", h_BTF, self.w_down[...].astype(dt))
+    return linear(h_BTF, self.w_down[...].astype(dt))
 
 
 class Blocks(nnx.Module):
@@ -415,10 +441,9 @@ def cache_windows(S, platform=None):
   """The cache prefixes decode attention may read: multiples of S/8 (at least 16 positions) on
   XLA:CPU, only all of S elsewhere.
 
-  XLA:CPU copies each window's slice before its dots, and still gains: batch-8 decode of the 35M
-  model ran at 446 against 402 tokens/s (medians of 4 alternating runs, 2026-12-07). On a GPU a
-  copied slice would cost more than it saves past a third of the cache, and whether XLA:GPU fuses
-  the slice into the products is not measured yet, so GPUs read the whole cache.
+  XLA:CPU copies each window's slice before its products and still gains (docs/benchmarks.md,
+  Decode). On a GPU a copied slice would cost more than it saves past a third of the cache, and
+  whether XLA:GPU fuses the slice into the products is not measured yet, so GPUs read all of it.
   """
   if (platform or jax.default_backend()) != "cpu":
     return (S,)
