@@ -70,10 +70,11 @@ class JaxSide:
   """jaxtrain's serving path: prefill, insert, `decode` in chunks (what the engine dispatches)."""
 
   def __init__(self, model, batch, prompt_len, new, chunk):
+    from jaxtrain import model as model_lib  # pylint: disable=import-outside-toplevel
     from jaxtrain.serving import generate as gen  # pylint: disable=import-outside-toplevel
     self.gen = gen
     self.c = model.config
-    self.config, self.weights = gen.serving_params(model)
+    self.weights = model_lib.serving_weights(model)
     self.batch, self.prompt_len, self.new, self.chunk = batch, prompt_len, new, chunk
     self.S = gen.bucket(prompt_len + new)
     self.T = gen.bucket(prompt_len)
@@ -88,13 +89,13 @@ class JaxSide:
     lengths_B = np.full((self.batch,), self.prompt_len, np.int32)
     steps = -(-(self.new - 1) // self.chunk) * self.chunk
     start = time.perf_counter()
-    first_B, prefix = gen.prefill(self.config, self.weights, tokens_BT, lengths_B, self.sampling)
+    first_B, prefix = gen.prefill(self.c, self.weights, tokens_BT, lengths_B, self.sampling)
     self.state = gen.insert(self.state, prefix, first_B, self.sampling, 0)
     first_B = np.asarray(first_B)  # what the engine reads at once (the first token's latency)
     middle = time.perf_counter()
     chunks = []
     for _ in range(steps // self.chunk):
-      self.state, tokens_SB = gen.decode(self.config, self.weights, self.state, self.chunk)
+      self.state, tokens_SB = gen.decode(self.c, self.weights, self.state, self.chunk)
       chunks.append(tokens_SB)
     chunks = [np.asarray(t) for t in chunks]
     end = time.perf_counter()

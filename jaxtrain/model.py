@@ -292,8 +292,9 @@ def linear(x_BTD, w_DF):
   JAX's own transpose rule writes the weight gradient as (dy^T x)^T, and XLA:CPU then transposes
   the wide dy ([B*T, F]) in the fusion that computes it (the SwiGLU backward; measured in
   docs/benchmarks.md); written x^T dy, XLA transposes the narrow x, which gate and up share.
-  The math and what is saved (x and w; under remat what the policy names) are autodiff's; GPUs
-  fold either transpose into the product.
+  The values and what is saved (x and w; under remat what the policy names) are autodiff's
+  (tests/test_perf_paths.py). On GPUs cuBLAS takes either order as transpose flags, so it should
+  change nothing there (not measured).
   """
   return jnp.einsum("btd,df->btf", x_BTD, w_DF)
 
@@ -463,8 +464,8 @@ def decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B):
     return _decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B)
   index = jnp.searchsorted(jnp.asarray(windows, jnp.int32), jnp.max(lengths_B))
   branches = [functools.partial(_decode_window, w) for w in windows]
-  return jax.lax.switch(jnp.minimum(index, len(windows) - 1), branches,
-                        q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B)
+  # lax.switch clamps the index: rows at or past S (full) read the last window, all of S.
+  return jax.lax.switch(index, branches, q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B)
 
 
 def _decode_window(w, q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B):

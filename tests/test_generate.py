@@ -118,7 +118,7 @@ def test_windowed_decode_attention_equals_reading_the_whole_cache():
                                rtol=1e-6, atol=1e-6)
 
 
-def test_serving_weights_are_fused_once_in_the_compute_dtype():
+def test_serving_weights_are_fused_and_in_the_compute_dtype():
   c = dataclasses.replace(TINY, dtype="bfloat16")
   bf16_model = model_lib.create(c, seed=2)
   weights = model_lib.serving_weights(bf16_model)

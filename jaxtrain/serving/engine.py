@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from jaxtrain import model as model_lib
 from jaxtrain.errors import UserError
 from jaxtrain.serving import generate as gen
 
@@ -70,7 +71,7 @@ class Engine:
                max_prompt_len=None):
     c = model.config
     self.config = c
-    _, self.weights = gen.serving_params(model)
+    self.weights = model_lib.serving_weights(model)
     self.tokenizer = tokenizer
     self.slots = int(slots)
     self.max_len = int(max_len or c.max_seq_len)

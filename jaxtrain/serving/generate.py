@@ -1,6 +1,7 @@
 """Jitted decoding over a per-layer KV cache: bucketed prefill, insert, multi-step decode, sampling.
 
-JetStream / jax-llm-examples style, as pure functions over `(config, weights)` (`serving_params`):
+JetStream / jax-llm-examples style, as pure functions over the model's config and
+`model.serving_weights(model)`:
 
   prefill(config, weights, tokens_BT, lengths_B, sampling)  -> (first token, prefix cache)
   insert(state, prefix, first_B, sampling, slot)            -> decode state, rows filled
@@ -109,12 +110,6 @@ def sample(logits_BV, positions_B, sampling):
     return jnp.where(t_B > 0, drawn_B, greedy(None))
 
   return jax.lax.cond(jnp.all(sampling.temperature_B <= 0), greedy, stochastic, None)
-
-
-def serving_params(model):
-  """(config, weights) that prefill and decode take: `model.serving_weights`, made once (fused
-  per-layer buffers in the compute dtype)."""
-  return model.config, model_lib.serving_weights(model)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
