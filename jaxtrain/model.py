@@ -432,10 +432,11 @@ class Llama(nnx.Module):
     return self.logits(self.hidden_states(tokens_BT))
 
 
-def write_row(cache_BKSH, new_BKH, positions_B):
-  """Row b's new key (or value) at position positions_B[b]; at or past S it is dropped."""
-  b_B = jnp.arange(cache_BKSH.shape[0])
-  return cache_BKSH.at[b_B, :, positions_B].set(new_BKH.astype(cache_BKSH.dtype), mode="drop")
+def write_row(cache_BKSH, new_bKH, positions_b):
+  """Row b's new key (or value) at position positions_b[b], for the first b rows of the cache;
+  at or past S it is dropped."""
+  rows_b = jnp.arange(new_bKH.shape[0])
+  return cache_BKSH.at[rows_b, :, positions_b].set(new_bKH.astype(cache_BKSH.dtype), mode="drop")
 
 
 def cache_windows(S, platform=None):
@@ -451,8 +452,28 @@ def cache_windows(S, platform=None):
   return tuple(sorted({min(S, max(16, -(-S * i // 8))) for i in range(1, 9)}))
 
 
-def decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B):
-  """One query per row over its cached keys [0, length) and its own new key.
+def decode_rows(occupied, slots, platform=None):
+  """How many leading rows of `slots` a decode step computes when the highest occupied slot is
+  `occupied - 1`: on XLA:CPU the smallest power of two >= occupied (at most `slots`), elsewhere
+  all of them.
+
+  Fewer rows make every weight product and the attention smaller, so one user of an 8-slot
+  server decodes at the speed of a 1-row batch (vLLM likewise batches only the running
+  requests). On XLA:CPU the rows come out of the cache in the window's slice, which it copies
+  anyway (`cache_windows`); on a GPU the rows would be an extra copy of the cache, so GPUs
+  compute all slots. Powers of two bound the compilations to log2(slots) + 1.
+  """
+  if (platform or jax.default_backend()) != "cpu":
+    return slots
+  rows = 1
+  while rows < occupied:
+    rows *= 2
+  return min(rows, slots)
+
+
+def decode_attention(q_b1NH, k_b1KH, v_b1KH, k_BKSH, v_BKSH, lengths_b):
+  """One query per row over its cached keys [0, length) and its own new key, for the first b
+  rows of the cache (b = the queries' rows, `decode_rows`).
 
   Only a prefix of the cache is read: the smallest of `cache_windows(S)` that holds the longest
   row (a `lax.switch` over static slices), so a step early in a long cache reads a fraction of
@@ -461,15 +482,18 @@ def decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B):
   S = k_BKSH.shape[2]
   windows = cache_windows(S)
   if len(windows) == 1:
-    return _decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B)
-  index = jnp.searchsorted(jnp.asarray(windows, jnp.int32), jnp.max(lengths_B))
+    return _decode_window(S, q_b1NH, k_b1KH, v_b1KH, k_BKSH, v_BKSH, lengths_b)
+  index = jnp.searchsorted(jnp.asarray(windows, jnp.int32), jnp.max(lengths_b))
   branches = [functools.partial(_decode_window, w) for w in windows]
   # lax.switch clamps the index: rows at or past S (full) read the last window, all of S.
-  return jax.lax.switch(index, branches, q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B)
+  return jax.lax.switch(index, branches, q_b1NH, k_b1KH, v_b1KH, k_BKSH, v_BKSH, lengths_b)
 
 
-def _decode_window(w, q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B):
-  return _decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BKSH[:, :, :w], v_BKSH[:, :, :w], lengths_B)
+def _decode_window(w, q_b1NH, k_b1KH, v_b1KH, k_BKSH, v_BKSH, lengths_b):
+  b, S = q_b1NH.shape[0], k_BKSH.shape[2]
+  if (b, w) != (k_BKSH.shape[0], S):  # one slice (a copy on XLA:CPU) of rows and positions
+    k_BKSH, v_BKSH = k_BKSH[:b, :, :w], v_BKSH[:b, :, :w]
+  return _decode_attention(q_b1NH, k_b1KH, v_b1KH, k_BKSH, v_BKSH, lengths_b)
 
 
 def _decode_attention(q_B1NH, k_B1KH, v_B1KH, k_BKSH, v_BKSH, lengths_B):
@@ -657,18 +681,22 @@ def prefill(c: ModelConfig, weights: dict, tokens_BT, lengths_B):
   return x_BD, KVCache(ks, vs, lengths_B.astype(jnp.int32))
 
 
-def decode(c: ModelConfig, weights: dict, tokens_B, cache):
-  """One decoding step: token b sits at position `cache.lengths_B[b]`.
+def decode(c: ModelConfig, weights: dict, tokens_b, cache):
+  """One decoding step for the first b = len(tokens_b) rows of the cache (all of them, or
+  `decode_rows`): token i sits at position `cache.lengths_B[i]`.
 
   Each layer attends over its cache and the new key, then writes the new key and value into its
   own cache buffer (in place, each row at its own length; rows at or past the cache's end are
-  dropped, never wrapped). Returns (final-normed hidden states [B, D], new cache).
+  dropped, never wrapped). Rows past b are neither read nor written and keep their lengths.
+  Returns (final-normed hidden states [b, D], new cache).
   """
-  lengths_B = cache.lengths_B
-  caches = [(k, v, lengths_B) for k, v in zip(cache.ks_BKSH, cache.vs_BKSH)]
-  x_B1D, kv = _run_serving_layers(c, weights, tokens_B[:, None], lengths_B[:, None], caches)
-  x_BD = rms_norm(x_B1D[:, 0], weights["final_norm"], c.norm_eps)
-  return x_BD, KVCache(tuple(k for k, _ in kv), tuple(v for _, v in kv), lengths_B + 1)
+  b = tokens_b.shape[0]
+  lengths_b = cache.lengths_B[:b]
+  caches = [(k, v, lengths_b) for k, v in zip(cache.ks_BKSH, cache.vs_BKSH)]
+  x_b1D, kv = _run_serving_layers(c, weights, tokens_b[:, None], lengths_b[:, None], caches)
+  x_bD = rms_norm(x_b1D[:, 0], weights["final_norm"], c.norm_eps)
+  lengths_B = cache.lengths_B.at[:b].add(1)
+  return x_bD, KVCache(tuple(k for k, _ in kv), tuple(v for _, v in kv), lengths_B)
 
 
 def serving_logits(weights: dict, h_BD):

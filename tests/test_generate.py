@@ -88,6 +88,56 @@ def test_no_retrace_after_warm_up(model):
   assert dict(gen.TRACES) == before
 
 
+def test_decoding_the_first_rows_equals_decoding_all_and_leaves_the_rest_alone(model):
+  weights = model_lib.serving_weights(model)
+  T, B = 32, len(PROMPTS)
+  tokens = np.zeros((B, T), np.int32)
+  for i, p in enumerate(PROMPTS):
+    tokens[i, :len(p)] = p
+  lengths = np.array([len(p) for p in PROMPTS], np.int32)
+  sampling = gen.Sampling.make([0.0] * B, [0] * B, [1.0] * B, range(B))
+
+  def fresh_state():
+    first, prefix = gen.prefill(TINY, weights, tokens, lengths, sampling)
+    return gen.insert(gen.DecodeState.empty(TINY, B, 64), prefix, first, sampling, 0)
+
+  _, all_rows = gen.decode(TINY, weights, fresh_state(), 5)
+  before = jax.tree.map(np.asarray, fresh_state())
+  after, two_rows = gen.decode(TINY, weights, fresh_state(), 5, 2)
+  np.testing.assert_array_equal(two_rows, np.asarray(all_rows)[:, :2])
+  assert after.cache.lengths_B.tolist() == (lengths + [5, 5, 0, 0]).tolist()
+  for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    if old.ndim:  # rows 2 and 3 (cache, last token, sampling) are untouched
+      np.testing.assert_array_equal(np.asarray(new)[2:], old[2:])
+  assert model_lib.decode_rows(3, 8, "cpu") == 4 and model_lib.decode_rows(3, 8, "gpu") == 8
+  assert model_lib.decode_rows(7, 6, "cpu") == 6
+
+
+def test_a_warm_engine_decodes_only_the_slots_up_to_the_highest_occupied_one(model, monkeypatch):
+  engine = engine_lib.Engine(model, slots=4, max_len=64, chunk=4)
+  engine.warmup(prompt_lens=(5,))
+  assert engine.warm_rows == (1, 2, 4)
+  rows, decode = [], gen.decode
+
+  def spy(*args):
+    rows.append(args[4])
+    return decode(*args)
+
+  monkeypatch.setattr(gen, "decode", spy)
+  probe = dict(prompt=PROMPTS[0], max_tokens=12)
+  alone = engine.submit(engine_lib.Request(**probe))
+  engine.run_until_idle()
+  assert set(rows) == {1}
+  rows.clear()
+  # Three requests take slots 0, 1, 2 (4 rows); when the short ones end, only slot 0 is left.
+  crowded = engine.submit(engine_lib.Request(**probe))
+  short = [engine.submit(engine_lib.Request(prompt=p, max_tokens=3)) for p in PROMPTS[1:3]]
+  engine.run_until_idle()
+  assert rows[0] == 4 and rows[-1] == 1 and rows == sorted(rows, reverse=True)
+  assert crowded.tokens == alone.tokens and len(alone.tokens) == 12
+  assert [len(r.tokens) for r in short] == [3, 3]
+
+
 def test_cache_writes_past_its_end_are_dropped_not_wrapped(model):
   c = TINY
   cache = model_lib.KVCache.empty(c, 2, 4)

@@ -6,7 +6,9 @@ prompt padded to a power-of-two bucket) and inserts them, (2) dispatches the nex
 `chunk` steps, and only then (3) reads the previous chunk's tokens and hands them to their
 requests, so the device is never idle while the host looks at tokens. A request whose tokens
 end (EOS, a stop string, max_tokens, or the end of the cache) frees its slot; a waiting one
-takes it in the next iteration while the others keep decoding.
+takes it (the lowest free slot) in the next iteration while the others keep decoding. After
+`warmup`, a chunk computes only the slots up to the highest occupied one (`model.decode_rows`;
+on CPU rounded up to a power of two), so one user of an 8-slot server decodes as a 1-row batch.
 
 Because tokens are read one chunk late, a chunk may run for a request that has just finished;
 its tokens are ignored (each chunk remembers which request sat in which slot when it was
@@ -87,7 +89,7 @@ class Engine:
     self._pending = None  # (tokens [steps, B] device array, slot owners when dispatched)
     self._thread = None
     self._stop = False
-    self.decode_steps = 0  # decode steps dispatched (all slots), for bandwidth numbers
+    self.warm_rows = ()  # the row counts `warmup` compiled decode for; others decode all slots
 
   # -- requests ---------------------------------------------------------------------------
 
@@ -207,12 +209,12 @@ class Engine:
   def step(self):
     """One iteration: admit, dispatch a chunk, consume the previous chunk. False when idle."""
     self._admit()
-    busy = any(r is not None and r.finish_reason is None for r in self.active)
+    live = [slot for slot, r in enumerate(self.active) if r is not None and r.finish_reason is None]
     previous, self._pending = self._pending, None
-    if busy:
-      self.state, tokens_SB = gen.decode(self.config, self.weights, self.state, self.chunk)
-      self.decode_steps += self.chunk
-      self._pending = (tokens_SB, list(self.active))
+    if live:
+      rows = min((r for r in self.warm_rows if r > live[-1]), default=self.slots)
+      self.state, tokens_SB = gen.decode(self.config, self.weights, self.state, self.chunk, rows)
+      self._pending = (tokens_SB, self.active[:rows])
     # Requests finished by their prefill token free their slot without a decode.
     for slot, request in enumerate(self.active):
       if request is not None and request.finish_reason is not None:
@@ -228,10 +230,19 @@ class Engine:
       pass
 
   def warmup(self, prompt_lens=(1,)):
-    """Compile prefill for these prompt lengths' buckets, insert and decode."""
+    """Compile prefill for these prompt lengths' buckets, insert, and decode for every number of
+    rows a step may compute (`model.decode_rows`); from then on a chunk computes only the slots
+    up to the highest occupied one. Call it before serving: the extra decode chunks run on
+    empty slots. Without it (`generate`) every chunk decodes all slots, so a batch whose rows
+    finish at different times never waits for a compilation."""
     for n in prompt_lens:
       self.submit(Request(prompt=[0] * n, max_tokens=2))
     self.run_until_idle()
+    rows = sorted({model_lib.decode_rows(n, self.slots) for n in range(1, self.slots + 1)})
+    for r in rows:
+      self.state, tokens_SB = gen.decode(self.config, self.weights, self.state, self.chunk, r)
+      tokens_SB.block_until_ready()
+    self.warm_rows = tuple(rows)
 
   # -- background thread (the server) -------------------------------------------------------
 

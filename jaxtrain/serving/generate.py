@@ -5,10 +5,10 @@ JetStream / jax-llm-examples style, as pure functions over the model's config an
 
   prefill(config, weights, tokens_BT, lengths_B, sampling)  -> (first token, prefix cache)
   insert(state, prefix, first_B, sampling, slot)            -> decode state, rows filled
-  decode(config, weights, state, steps)                     -> (state, tokens [steps, B])
+  decode(config, weights, state, steps, rows)               -> (state, tokens [steps, rows])
 
 Prompts are right-padded to a power-of-two bucket, so prefill compiles once per bucket; decode
-compiles once per (slots, cache length, steps); nothing is retraced per token or per request
+compiles once per (slots, cache length, steps, rows); nothing is retraced per token or per request
 (`TRACES` counts traces, tests check it). The cache is donated to decode and insert, so it is
 updated in place. The layers run unrolled over per-layer weight and cache buffers
 (`model.serving_weights`, `model.KVCache`): no layer slice is ever copied.
@@ -134,19 +134,24 @@ def insert(state, prefix, first_B, sampling, slot):
                      jax.tree.map(put, state.sampling, sampling))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnames=("state",))
-def decode(config, weights, state, steps):
-  """`steps` decoding steps in one dispatch; returns (state, tokens [steps, B]).
+@functools.partial(jax.jit, static_argnames=("config", "steps", "rows"),
+                   donate_argnames=("state",))
+def decode(config, weights, state, steps, rows=None):
+  """`steps` decoding steps in one dispatch; returns (state, tokens [steps, rows]).
 
-  Each step feeds every row's last token at its own length and samples the next one for the
-  position after it. Rows keep decoding after they finish (the host ignores those tokens);
-  rows that reach the cache's end stop writing (see `KVCache.write`).
+  Each step feeds the last token of each of the first `rows` rows (all when None;
+  `model.decode_rows` picks fewer when only low slots are occupied) at its own length and
+  samples the next one for the position after it. Rows keep decoding after they finish (the
+  host ignores those tokens); rows that reach the cache's end stop writing (see
+  `KVCache.write`); rows past `rows` are left as they are.
   """
   TRACES["decode"] += 1
+  b = state.tokens_B.shape[0] if rows is None else rows
+  sampling = jax.tree.map(lambda x: x[:b], state.sampling)
 
   def step(state, _):
-    h_BD, cache = model_lib.decode(config, weights, state.tokens_B, state.cache)
-    next_B = sample(model_lib.serving_logits(weights, h_BD), cache.lengths_B, state.sampling)
-    return DecodeState(cache, next_B, state.sampling), next_B
+    h_bD, cache = model_lib.decode(config, weights, state.tokens_B[:b], state.cache)
+    next_b = sample(model_lib.serving_logits(weights, h_bD), cache.lengths_B[:b], sampling)
+    return DecodeState(cache, state.tokens_B.at[:b].set(next_b), state.sampling), next_b
 
   return jax.lax.scan(step, state, None, length=steps)

@@ -429,8 +429,9 @@ def make_engine(model, tokenizer=None, *, slots=8, max_len=None, chunk=8, max_pr
       b *= 2
     engine.warmup(prompt_lens=lens)
     if log:
+      rows = "/".join(map(str, engine.warm_rows))
       log(f"compiled prefill for prompt buckets up to {lens[-1]} tokens and decode for "
-          f"{engine.slots} slots in {time.perf_counter() - start:.1f}s")
+          f"{rows} of {engine.slots} slots in {time.perf_counter() - start:.1f}s")
   return engine.start()
 
 
