@@ -687,7 +687,9 @@ def decode(c: ModelConfig, weights: dict, tokens_b, cache):
 
   Each layer attends over its cache and the new key, then writes the new key and value into its
   own cache buffer (in place, each row at its own length; rows at or past the cache's end are
-  dropped, never wrapped). Rows past b are neither read nor written and keep their lengths.
+  dropped, never wrapped). Rows past b are neither read nor written and keep their lengths. A
+  row of length 0 holds no request (`serving.generate.release`): it stays at 0, so free rows
+  never widen the cache window the others read (`decode_attention`).
   Returns (final-normed hidden states [b, D], new cache).
   """
   b = tokens_b.shape[0]
@@ -695,7 +697,7 @@ def decode(c: ModelConfig, weights: dict, tokens_b, cache):
   caches = [(k, v, lengths_b) for k, v in zip(cache.ks_BKSH, cache.vs_BKSH)]
   x_b1D, kv = _run_serving_layers(c, weights, tokens_b[:, None], lengths_b[:, None], caches)
   x_bD = rms_norm(x_b1D[:, 0], weights["final_norm"], c.norm_eps)
-  lengths_B = cache.lengths_B.at[:b].add(1)
+  lengths_B = cache.lengths_B.at[:b].add((lengths_b > 0).astype(jnp.int32))
   return x_bD, KVCache(tuple(k for k, _ in kv), tuple(v for _, v in kv), lengths_B)
 
 

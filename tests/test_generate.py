@@ -109,11 +109,15 @@ def test_decoding_the_first_rows_equals_decoding_all_and_leaves_the_rest_alone(m
   for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     if old.ndim:  # rows 2 and 3 (cache, last token, sampling) are untouched
       np.testing.assert_array_equal(np.asarray(new)[2:], old[2:])
+  # A released row (length 0) stays free through decoding and changes nothing for the others.
+  after, tokens_free = gen.decode(TINY, weights, gen.release(fresh_state(), 1), 5, 2)
+  assert after.cache.lengths_B.tolist()[:2] == [lengths[0] + 5, 0]
+  np.testing.assert_array_equal(np.asarray(tokens_free)[:, 0], np.asarray(all_rows)[:, 0])
   assert model_lib.decode_rows(3, 8, "cpu") == 4 and model_lib.decode_rows(3, 8, "gpu") == 8
   assert model_lib.decode_rows(7, 6, "cpu") == 6
 
 
-def test_a_warm_engine_decodes_only_the_slots_up_to_the_highest_occupied_one(model, monkeypatch):
+def test_a_warm_engine_decodes_only_the_occupied_slots_and_frees_them(model, monkeypatch):
   engine = engine_lib.Engine(model, slots=4, max_len=64, chunk=4)
   engine.warmup(prompt_lens=(5,))
   assert engine.warm_rows == (1, 2, 4)
@@ -136,6 +140,7 @@ def test_a_warm_engine_decodes_only_the_slots_up_to_the_highest_occupied_one(mod
   assert rows[0] == 4 and rows[-1] == 1 and rows == sorted(rows, reverse=True)
   assert crowded.tokens == alone.tokens and len(alone.tokens) == 12
   assert [len(r.tokens) for r in short] == [3, 3]
+  assert engine.state.cache.lengths_B.tolist() == [0] * 4  # every slot released
 
 
 def test_cache_writes_past_its_end_are_dropped_not_wrapped(model):

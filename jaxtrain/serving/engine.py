@@ -204,7 +204,11 @@ class Engine:
       if request is None or request.finish_reason is not None:
         continue
       if self._emit(request, tokens_BS[slot].tolist()) and self.active[slot] is request:
-        self.active[slot] = None
+        self._free(slot)
+
+  def _free(self, slot):
+    self.active[slot] = None
+    self.state = gen.release(self.state, slot)
 
   def step(self):
     """One iteration: admit, dispatch a chunk, consume the previous chunk. False when idle."""
@@ -218,7 +222,7 @@ class Engine:
     # Requests finished by their prefill token free their slot without a decode.
     for slot, request in enumerate(self.active):
       if request is not None and request.finish_reason is not None:
-        self.active[slot] = None
+        self._free(slot)
     if previous is not None:
       self._consume(previous)
     with self._lock:

@@ -5,6 +5,7 @@ JetStream / jax-llm-examples style, as pure functions over the model's config an
 
   prefill(config, weights, tokens_BT, lengths_B, sampling)  -> (first token, prefix cache)
   insert(state, prefix, first_B, sampling, slot)            -> decode state, rows filled
+  release(state, slot)                                      -> decode state, the slot free
   decode(config, weights, state, steps, rows)               -> (state, tokens [steps, rows])
 
 Prompts are right-padded to a power-of-two bucket, so prefill compiles once per bucket; decode
@@ -132,6 +133,16 @@ def insert(state, prefix, first_B, sampling, slot):
 
   return DecodeState(state.cache.insert(prefix, slot), put(state.tokens_B, first_B),
                      jax.tree.map(put, state.sampling, sampling))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def release(state, slot):
+  """Free a slot: its length becomes 0, so decode leaves the row at 0 (`model.decode`) and it no
+  longer widens the cache window the other rows read."""
+  TRACES["release"] += 1
+  cache = state.cache
+  cache = model_lib.KVCache(cache.ks_BKSH, cache.vs_BKSH, cache.lengths_B.at[slot].set(0))
+  return DecodeState(cache, state.tokens_B, state.sampling)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "steps", "rows"),
