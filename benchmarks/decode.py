@@ -4,6 +4,8 @@
     python benchmarks/decode.py --repeats=7           # more interleaved repeats
     python benchmarks/decode.py --batches=1 --sides=jax   # jaxtrain only (no PyTorch needed)
     python benchmarks/decode.py --size=toy --new=64   # another configs/llama.py size
+    python benchmarks/decode.py --size=1.4b --dtype=bfloat16 --sides=jax   # on a GPU
+    python benchmarks/decode.py --sides=jax --windows=eighths   # CPU's cache windows anywhere
 
 Both sides decode the same weights: a random jaxtrain model (configs/llama.py sizes, fp32,
 untied) is written as an HF LLaMA directory with `jaxtrain.convert.save_hf` and loaded by
@@ -26,6 +28,11 @@ bytes / (decode time / steps), against the machine's read bandwidth measured in 
 (the best median of a large jax sum and a numpy copy; a copy's bytes count read and write).
 HF's greedy tokens are compared with ours as a check of the conversion (random weights have near
 ties, so a late divergence in fp32 is possible; the report says how many rows agree).
+
+On a GPU the bandwidth to compare with is also the device table's (`jaxtrain.hardware`, dense
+datasheet figures), printed when the device is in it. `--windows=eighths` makes decode read
+XLA:CPU's cache windows (`model.cache_windows`) on any platform: run it beside the default on a
+GPU to see whether windows would pay there (GPUs read the whole cache by default).
 """
 
 import argparse
@@ -109,20 +116,21 @@ class JaxSide:
     c = self.c
     windows = model_lib.cache_windows(self.S)
     read = [min(w for w in windows if w >= min(self.prompt_len + i, self.S)) for i in range(steps)]
-    per_position = 2 * c.n_layers * self.batch * c.kv_heads * c.dim_per_head * 4
+    itemsize = self.state.cache.ks_BKSH[0].dtype.itemsize
+    per_position = 2 * c.n_layers * self.batch * c.kv_heads * c.dim_per_head * itemsize
     kv = per_position * sum(read) / len(read)
     return model_lib.serving_bytes_per_step(self.weights, self.batch) + kv
 
 
 class HFSide:
 
-  def __init__(self, hf_dir, batch, prompt_len, new, threads):
+  def __init__(self, hf_dir, batch, prompt_len, new, threads, dtype):
     import torch  # pylint: disable=import-outside-toplevel
     import transformers  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(threads)
     self.torch = torch
     self.model = transformers.LlamaForCausalLM.from_pretrained(
-        hf_dir, torch_dtype=torch.float32, attn_implementation="sdpa").eval()
+        hf_dir, torch_dtype=getattr(torch, dtype), attn_implementation="sdpa").eval()
     self.batch, self.prompt_len, self.new = batch, prompt_len, new
     self.version = f"torch {torch.__version__}, transformers {transformers.__version__}"
 
@@ -147,15 +155,24 @@ def main(argv=None):
   p.add_argument("--chunk", type=int, default=8, help="jaxtrain decode steps per dispatch")
   p.add_argument("--sides", default="jax,hf", help="jax, hf or both")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="weights, compute and cache dtype of both sides")
+  p.add_argument("--windows", default="auto", choices=("auto", "eighths"),
+                 help="auto: the platform's model.cache_windows; eighths: XLA:CPU's on any device")
   args = p.parse_args(argv)
 
   import jax  # pylint: disable=import-outside-toplevel
   from jaxtrain import config as config_lib  # pylint: disable=import-outside-toplevel
-  from jaxtrain import convert, model as model_lib  # pylint: disable=import-outside-toplevel
+  from jaxtrain import convert, hardware  # pylint: disable=import-outside-toplevel
+  from jaxtrain import model as model_lib  # pylint: disable=import-outside-toplevel
+  from jaxtrain.serving import generate as gen  # pylint: disable=import-outside-toplevel
 
+  if args.windows == "eighths":  # a measurement switch: the CPU windows on this platform
+    cpu_windows = model_lib.cache_windows
+    model_lib.cache_windows = lambda S, platform=None: cpu_windows(S, "cpu")
   cfg = config_lib.load_config(f"configs/llama.py:{args.size}")
   c = model_lib.ModelConfig.from_config(
-      {**cfg.model.to_dict(), "dtype": "float32", "param_dtype": "float32",
+      {**cfg.model.to_dict(), "dtype": args.dtype, "param_dtype": args.dtype,
        "max_seq_len": max(cfg.model.max_seq_len, args.prompt + args.new)})
   model = model_lib.create(c, seed=args.seed)
   sides = args.sides.split(",")
@@ -166,12 +183,16 @@ def main(argv=None):
 
   print(f"# decode benchmark, {datetime.date.today()}, {platform.node()}, {threads} cores, "
         f"jax {jax.__version__} ({jax.default_backend()})")
-  print(f"# model {args.size}: {model_lib.param_counts(c)['total'] / 1e6:.1f}M params fp32, "
-        f"prompt {args.prompt}, {args.new} new tokens, greedy, chunk {args.chunk}")
+  print(f"# model {args.size}: {model_lib.param_counts(c)['total'] / 1e6:.1f}M params "
+        f"{args.dtype}, prompt {args.prompt}, {args.new} new tokens, greedy, chunk {args.chunk}, "
+        f"cache windows {model_lib.cache_windows(gen.bucket(args.prompt + args.new))}")
   bw = _bandwidth_gbs()
   print(f"# memory bandwidth: jax sum {bw['jax_sum_read']:.1f} GB/s read, numpy copy "
         f"{bw['numpy_copy_read_write']:.1f} GB/s read+write")
   peak = max(bw.values())
+  table = hardware.device_bandwidth_gbs()
+  if table:
+    print(f"# {jax.devices()[0].device_kind}: {table:.0f} GB/s in jaxtrain.hardware's table")
 
   tmp = tempfile.TemporaryDirectory()
   jax_sides, hf_sides = {}, {}
@@ -182,7 +203,7 @@ def main(argv=None):
     if "hf" in sides:
       if not hf_sides:
         convert.save_hf(model, c, tmp.name)
-      hf_sides[b] = HFSide(tmp.name, b, args.prompt, args.new, threads)
+      hf_sides[b] = HFSide(tmp.name, b, args.prompt, args.new, threads, args.dtype)
       hf_sides[b].run(prompts[b])  # warm up
   if hf_sides:
     print(f"# peer: {next(iter(hf_sides.values())).version}, torch threads {threads}")
