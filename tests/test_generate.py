@@ -2,6 +2,8 @@
 nothing, sampling is per request, the cache never wraps, and nothing retraces after warm-up."""
 
 import dataclasses
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -268,3 +270,16 @@ def test_generate_verb_takes_token_ids_for_a_directory_without_a_tokenizer(capsy
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 3 and "--prompt-ids" in err[0] and "vocabulary" in err[1]
   assert "max_seq_len" in err[2]
+
+
+def test_decode_benchmark_dry_run_in_bf16_with_the_cpu_windows():
+  """benchmarks/decode.py as gpu_run.sh calls it on a GPU (bf16, jaxtrain's side only), here on
+  the toy model, with --windows=eighths (in a subprocess: it patches model.cache_windows)."""
+  out = subprocess.run(
+      [sys.executable, "benchmarks/decode.py", "--size=toy", "--dtype=bfloat16", "--sides=jax",
+       "--windows=eighths", "--batches=2", "--prompt=8", "--new=8", "--chunk=4", "--repeats=1"],
+      capture_output=True, text=True, timeout=300, check=True).stdout
+  assert "bfloat16" in out and "cache windows (16," in out
+  row = [line for line in out.splitlines() if line.startswith("| 2 |")]
+  assert row and float(row[0].split("|")[2]) > 0  # tokens/s measured
+
