@@ -7,8 +7,8 @@
     python benchmarks/decode.py --size=1.4b --dtype=bfloat16 --sides=jax   # on a GPU
     python benchmarks/decode.py --sides=jax --windows=eighths   # CPU's cache windows anywhere
 
-Both sides decode the same weights: a random jaxtrain model (configs/llama.py sizes, fp32,
-untied) is written as an HF LLaMA directory with `jaxtrain.convert.save_hf` and loaded by
+Both sides decode the same weights: a random jaxtrain model (configs/llama.py sizes, untied, fp32
+unless `--dtype`) is written as an HF LLaMA directory with `jaxtrain.convert.save_hf` and loaded by
 `transformers.LlamaForCausalLM.from_pretrained` (SDPA attention). Each side gets the same random
 prompts of `--prompt` tokens and produces exactly `--new` tokens greedily per row:
 

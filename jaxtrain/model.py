@@ -546,16 +546,6 @@ class KVCache:
     zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(c.n_layers))
     return cls(zeros(), zeros(), jnp.zeros((batch,), jnp.int32))
 
-  @property
-  def max_length(self):
-    return self.ks_BKSH[0].shape[2]
-
-  def write(self, k_LBKH, v_LBKH):
-    """Append one token per row (each layer's [B, K, H]) at its own length; lengths grow by one."""
-    ks = tuple(write_row(k, new, self.lengths_B) for k, new in zip(self.ks_BKSH, k_LBKH))
-    vs = tuple(write_row(v, new, self.lengths_B) for v, new in zip(self.vs_BKSH, v_LBKH))
-    return KVCache(ks, vs, self.lengths_B + 1)
-
   def insert(self, prefix, slot):
     """Copy a prefilled cache (rows [slot, slot + prefix batch), its length T <= S) in."""
     z = jnp.zeros((), jnp.int32)

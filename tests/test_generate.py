@@ -146,14 +146,13 @@ def test_a_warm_engine_decodes_only_the_occupied_slots_and_frees_them(model, mon
 
 
 def test_cache_writes_past_its_end_are_dropped_not_wrapped(model):
-  c = TINY
-  cache = model_lib.KVCache.empty(c, 2, 4)
-  cache = model_lib.KVCache(cache.ks_BKSH, cache.vs_BKSH, jnp.asarray([3, 4], jnp.int32))
-  ones = [jnp.ones((2, c.kv_heads, c.dim_per_head))] * c.n_layers
-  new = cache.write(ones, ones)
-  k_LBKSH = np.stack([np.asarray(k) for k in new.ks_BKSH])
-  assert (k_LBKSH[:, 0, :, 3] == 1).all() and (k_LBKSH[:, 0, :, :3] == 0).all()
-  assert (k_LBKSH[:, 1] == 0).all()  # row 1 was full: nothing written, slot 0 untouched
+  empty = model_lib.KVCache.empty(TINY, 2, 4)
+  cache = model_lib.KVCache(empty.ks_BKSH, empty.vs_BKSH, jnp.asarray([3, 4], jnp.int32))
+  _, new = model_lib.decode(TINY, model_lib.serving_weights(model), jnp.asarray([5, 7]), cache)
+  for buffers in (new.ks_BKSH, new.vs_BKSH):
+    kv_LBKSH = np.stack([np.asarray(x) for x in buffers])
+    assert (kv_LBKSH[:, 0, :, 3] != 0).all() and (kv_LBKSH[:, 0, :, :3] == 0).all()
+    assert (kv_LBKSH[:, 1] == 0).all()  # row 1 was full: nothing written, position 0 untouched
   assert new.lengths_B.tolist() == [4, 5]
 
 

@@ -86,7 +86,7 @@ class Engine:
     self.waiting = collections.deque()
     self._lock = threading.Lock()
     self._wake = threading.Event()
-    self._pending = None  # (tokens [steps, B] device array, slot owners when dispatched)
+    self._pending = None  # (tokens [steps, rows] device array, slot owners when dispatched)
     self._thread = None
     self._stop = False
     self.warm_rows = ()  # the row counts `warmup` compiled decode for; others decode all slots

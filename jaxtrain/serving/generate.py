@@ -153,8 +153,8 @@ def decode(config, weights, state, steps, rows=None):
   Each step feeds the last token of each of the first `rows` rows (all when None;
   `model.decode_rows` picks fewer when only low slots are occupied) at its own length and
   samples the next one for the position after it. Rows keep decoding after they finish (the
-  host ignores those tokens); rows that reach the cache's end stop writing (see
-  `KVCache.write`); rows past `rows` are left as they are.
+  host ignores those tokens); rows that reach the cache's end stop writing (`model.write_row`);
+  rows past `rows` are left as they are.
   """
   TRACES["decode"] += 1
   b = state.tokens_B.shape[0] if rows is None else rows
