@@ -13,6 +13,7 @@ naming every step passed over. Invalid steps are moved to `checkpoints.invalid/`
 retention (which deletes old steps only after a new one is finalized) never counts them as kept.
 """
 
+import contextlib
 import glob
 import json
 import logging
@@ -81,8 +82,68 @@ def warn_stderr(message):
 
 
 def _one_line(e):
+  """An exception's root cause on one line. Orbax wraps a failed read (which names the array and
+  file: 'OUT_OF_RANGE: Error reading "blocks.mlp.w_up/0.0.0" ...') in an exception that prints
+  the whole TensorStore spec instead."""
+  while e.__cause__ is not None:
+    e = e.__cause__
   text = " ".join(str(e).split())
-  return f"{type(e).__name__}: {text[:200]}"
+  return f"{type(e).__name__}: {text[:300]}"
+
+
+class _FailedReadEchoes(logging.Filter):
+  """Silences the echoes of a failed restore, which Orbax (0.12) prints after our warning.
+
+  When one array of a step fails to read, Orbax closes its event loop with the step's other
+  reads still pending. Later, at moments nobody controls, TensorStore's callbacks find the loop
+  closed ("RuntimeError: Event loop is closed", from a C++ thread), the abandoned tasks and
+  futures log "... exception was never retrieved" (asyncio's logger), and the suspended reads
+  raise again when freed ("Exception ignored in: <coroutine object
+  _read_array_index_and_device_put>"): up to hundreds of traceback lines, each with the whole
+  TensorStore spec, after the one line that said which step failed and why (`restore_latest`).
+
+  `around(restore)` installs an unraisable-exception hook (chained to the one it replaces) and a
+  filter on asyncio's logger that drop exactly those; if the restore succeeds and none failed
+  before in this process, both are removed again.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.previous_hook = None
+    self.failed = False  # a restore failed in this process: its echoes may come at any time
+
+  @contextlib.contextmanager
+  def around(self):
+    if sys.unraisablehook != self.unraisable:
+      self.previous_hook, sys.unraisablehook = sys.unraisablehook, self.unraisable
+    logging.getLogger("asyncio").addFilter(self)  # once: filters are a set
+    try:
+      yield
+    except BaseException:
+      self.failed = True
+      raise
+    finally:
+      if not self.failed:
+        logging.getLogger("asyncio").removeFilter(self)
+        if sys.unraisablehook == self.unraisable:
+          sys.unraisablehook = self.previous_hook
+
+  def unraisable(self, unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    orbax_read = code is not None and "orbax" in code.co_filename.replace(os.sep, "/").split("/")
+    closed_loop = (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+                   and str(unraisable.exc_value) == "Event loop is closed")
+    if not (orbax_read or closed_loop):
+      self.previous_hook(unraisable)
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not (message.startswith(("Task exception was never retrieved",
+                                    "Future exception was never retrieved"))
+                and ("orbax" in message or "tensorstore" in message))
+
+
+_FAILED_READ_ECHOES = _FailedReadEchoes()
 
 
 class _ReadOnlyNotices(logging.Filter):
@@ -247,7 +308,8 @@ class Checkpointer:
       else:  # Written by another process count: the state is global (the same in every file).
         with open(sorted(glob.glob(os.path.join(data_dir, "process_0-of-*.json")))[0]) as f:
           data_state = json.load(f)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    with _FAILED_READ_ECHOES.around():
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     out = {k: restored[k] for k in items}
     if data_state is not None:
       data_iterator.set_state(data_state)
