@@ -233,7 +233,7 @@ def format_plan(p):
                     f"within a node {p['mesh_within_node']} (docs/scaling.md)")
   if p["step_seconds_at_mfu"]:
     lines.append(f"step time at MFU {p['mfu']:.0%}: {p['step_seconds_at_mfu']:.3f} s "
-                 f"(peak {p['peak_tflops_per_device']} TFLOP/s, {p['peak_source']})")
+                 f"(peak {p['peak_tflops_per_device']:.4g} TFLOP/s, {p['peak_source']})")
   lines += [f"note: {n}" for n in p["notes"]]
   lines.append(f"planned in {p['plan_seconds']:.0f} s")
   return "\n".join(lines)

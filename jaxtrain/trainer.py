@@ -467,7 +467,8 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
   if is_main:
     log(f"{s.model_config.n_layers} layers, {model_lib.param_counts(s.model_config)['total']:,} "
         f"params, {s.flops_per_token / 1e6:.1f} MFLOP/token, mesh {dict(s.mesh.shape)}, "
-        f"peak {peak} TFLOP/s ({peak_source}); steps {start} -> {last_step}")
+        f"peak {'none' if peak is None else f'{peak:.4g} TFLOP/s'} ({peak_source}); "
+        f"steps {start} -> {last_step}")
 
   guard = nonfinite_lib.Guard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_in_a_row,
                              ckpt.directory)
