@@ -61,6 +61,20 @@ def check_step(directory, step):
   return None
 
 
+def newest_config(directory):
+  """(step, the config dict saved with it) of the newest step that passes `check_step`, or
+  (None, None): no such step, or it was not written by training (a workdir converted from HF
+  holds step 0 without a config). Plain file reads: no Orbax, nothing compiled."""
+  if not os.path.isdir(directory):
+    return None, None
+  for step in sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True):
+    if check_step(directory, step) is None:
+      with open(os.path.join(directory, str(step), "meta", "metadata")) as f:
+        config = json.load(f).get("config")
+      return (step, config) if isinstance(config, dict) else (None, None)
+  return None, None
+
+
 def check_writable(workdir):
   """Create `workdir` and `workdir/checkpoints` and write a probe file in each, or raise a
   one-line UserError naming the directory (before anything is compiled)."""
@@ -81,7 +95,7 @@ def warn_stderr(message):
   print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _one_line(e):
+def one_line(e):
   """An exception's root cause on one line. Orbax wraps a failed read (which names the array and
   file: 'OUT_OF_RANGE: Error reading "blocks.mlp.w_up/0.0.0" ...') in an exception that prints
   the whole TensorStore spec instead."""
@@ -221,7 +235,7 @@ class Checkpointer:
         try:
           restored = self.restore(step, abstract_params, abstract_opt_state, data_iterator)
         except Exception as e:  # pylint: disable=broad-except
-          reason = f"restore failed ({_one_line(e)})"
+          reason = f"restore failed ({one_line(e)})"
         else:
           self._set_aside(bad, warn)
           return step, restored
@@ -283,7 +297,7 @@ class Checkpointer:
         kept = (f"the previous checkpoint (step {previous[0]}) is intact" if previous else
                 "no earlier checkpoint exists")
         self._failure = RunFailure(
-            f"checkpoint step {step} could not be written to {self.directory} ({_one_line(e)}); "
+            f"checkpoint step {step} could not be written to {self.directory} ({one_line(e)}); "
             f"{kept}; free space (or fix permissions) and re-run the same command to resume")
         raise self._failure from e
     return guard()

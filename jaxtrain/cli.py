@@ -161,8 +161,8 @@ def cmd_eval(argv):
     jaxtrain eval runs/35m --split=train --batches=4
     jaxtrain eval runs/35m --steps=all    # validation loss against training tokens
 
-  exit codes: 0 printed the numbers; 2 no such run, step or split (one line on stderr); 1 other
-  failure
+  exit codes: 0 printed the numbers; 2 no such run, step or split, or a checkpoint that does not
+  restore (one line on stderr; with --steps the others are still evaluated); 1 other failure
   """
   from jaxtrain import evaluate  # pylint: disable=import-outside-toplevel
   args = Args(argv, flags=("workdir", "split", "batches", "step", "steps"))
@@ -177,6 +177,8 @@ def cmd_eval(argv):
       raise UserError(f"--{name}={value!r} is not an integer") from None
 
   batches = integer("batches", args.flags["batches"]) if "batches" in args.flags else None
+  if batches is not None and batches < 1:
+    raise UserError(f"--batches={batches} must be at least 1")
   if "step" in args.flags and "steps" in args.flags:
     raise UserError("jaxtrain eval takes --step or --steps, not both")
   if "steps" in args.flags:
@@ -196,7 +198,11 @@ def cmd_eval(argv):
   for result in results:
     print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in result.items()))
-  print(f"wrote {evaluate.write_eval_json(workdir, results)}")
+  if results:
+    print(f"wrote {evaluate.write_eval_json(workdir, results)}")
+  if len(results) < len(steps):
+    raise UserError(f"{len(steps) - len(results)} of {len(steps)} checkpoints could not be "
+                    "evaluated (named above)" + ("; the others are in eval.json" if results else ""))
 
 
 def cmd_info(argv):

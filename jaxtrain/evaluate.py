@@ -13,7 +13,8 @@ import jax
 from flax import nnx
 
 from jaxtrain import checkpoint as checkpoint_lib
-from jaxtrain import config as config_lib, model as model_lib, sharding
+from jaxtrain import config as config_lib, metrics as metrics_lib, model as model_lib
+from jaxtrain import sharding
 from jaxtrain.errors import UserError
 
 
@@ -21,8 +22,16 @@ def _workdir_config(workdir, overrides=()):
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise UserError(f"{path} does not exist: not a jaxtrain workdir")
-  with open(path) as f:
-    cfg = config_lib.load_config_dict(json.load(f))
+  try:
+    with open(path) as f:
+      values = json.load(f)
+  except (OSError, ValueError) as e:  # E.g. emptied by a full disk: every checkpoint has it.
+    problem = f"{path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:80]})"
+    step, values = checkpoint_lib.newest_config(os.path.join(workdir, "checkpoints"))
+    if values is None:
+      raise UserError(f"{problem} and no checkpoint holds the run's config") from None
+    checkpoint_lib.warn_stderr(f"{problem}; using the config saved with checkpoint {step}")
+  cfg = config_lib.load_config_dict(values)
   for key, value in overrides:
     config_lib.apply_override(cfg, key, value)
   return cfg
@@ -58,7 +67,11 @@ def load_params(workdir, abstract_params, step=None):
         raise UserError(f"{workdir}/checkpoints holds no checkpoint")
       return step, restored["params"]
     step = _resolve_step(ckpt, step, workdir)
-    return step, ckpt.restore(step, abstract_params)["params"]
+    try:
+      return step, ckpt.restore(step, abstract_params)["params"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"{workdir}/checkpoints step {step} could not be restored "
+                      f"({checkpoint_lib.one_line(e)})") from None
   finally:
     ckpt.close()
 
@@ -121,7 +134,8 @@ def evaluate_workdir(workdir, split="validation", max_batches=None, step=None, o
 def evaluate_steps(workdir, steps, split="validation", max_batches=None, overrides=()):
   """`evaluate_workdir` for several checkpoint steps (None: the latest), one compile for all:
   validation loss against training tokens. Each result adds `train_tokens` (step x global
-  batch x sequence length of the run)."""
+  batch x sequence length of the run). Of several steps, one that does not restore is named in
+  a warning and left out of the results (a single step raises)."""
   from jaxtrain import data, trainer as train_lib  # pylint: disable=import-outside-toplevel
   cfg = _workdir_config(workdir, overrides)
   have = checkpoint_steps(workdir)
@@ -140,7 +154,13 @@ def evaluate_steps(workdir, steps, split="validation", max_batches=None, overrid
   eval_step = train_lib.make_eval_step(s)  # jitted once: every step has the same shapes
   results = []
   for step in steps:
-    step, params = load_params(workdir, s.abstract_state.params, step)
+    try:
+      step, params = load_params(workdir, s.abstract_state.params, step)
+    except UserError as e:
+      if len(steps) == 1:
+        raise
+      checkpoint_lib.warn_stderr(f"{e}; evaluating the other steps")
+      continue
     batches = data.eval_iterator(cfg.data, s.model_config.vocab_size,
                                  batch // jax.process_count(), split=split,
                                  max_batches=max_batches or cfg.train.eval_batches)
@@ -169,9 +189,5 @@ def write_eval_json(workdir, results):
   for r in results:
     entries[(r["step"], r["split"])] = r
   ordered = [entries[k] for k in sorted(entries, key=lambda k: (k[0], k[1]))]
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump({"results": ordered}, f, indent=1)
-    f.write("\n")
-  os.replace(tmp, path)
+  metrics_lib.write_atomically(path, json.dumps({"results": ordered}, indent=1) + "\n")
   return path

@@ -44,11 +44,25 @@ class MetricsWriter:
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      self._end_partial_line()
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
       except ImportError:
         self._tb = None
+
+  def _end_partial_line(self):
+    """A write cut short (full disk, kill) leaves half a line: end it, so that the next record
+    starts a line of its own (`read_metrics` skips the half one)."""
+    try:
+      with open(self.path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        partial = f.read(1) != b"\n"
+    except (FileNotFoundError, OSError):  # No file, or an empty one (seek before the start).
+      return
+    if partial:
+      with open(self.path, "a") as f:
+        f.write("\n")
 
   def write(self, record):
     if not self.enabled:
@@ -68,10 +82,23 @@ class MetricsWriter:
       self._tb.close()
 
 
+def write_atomically(path, text):
+  """Write, then rename: a kill or a full disk leaves the old file or the new one, never half
+  of one (config.json, run.json and eval.json are read by later commands)."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def write_run_info(workdir, info):
   """`WORKDIR/run.json`: the hardware and the numbers MFU was computed from, for `compare`."""
-  with open(os.path.join(workdir, "run.json"), "w") as f:
-    json.dump({k: _clean(v) for k, v in info.items()}, f, indent=2)
+  write_atomically(os.path.join(workdir, "run.json"),
+                   json.dumps({k: _clean(v) for k, v in info.items()}, indent=2))
 
 
 def read_run_info(workdir):
@@ -86,8 +113,16 @@ def read_metrics(workdir_or_file):
   path = workdir_or_file
   if os.path.isdir(path):
     path = os.path.join(path, "metrics.jsonl")
+  records = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:  # Blank, or half a line left by a write cut short.
+        continue
+      if isinstance(record, dict):
+        records.append(record)
+  return records
 
 
 def plot_loss_curve(workdir, out_name="loss.png"):

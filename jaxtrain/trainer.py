@@ -9,6 +9,7 @@ Metrics of step t are fetched after step t+1 is dispatched, so the device never 
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -335,8 +336,8 @@ def evaluate_params(s: Setup, eval_step, params, batches):
     l, c, b = jax.device_get(eval_step(params, to_global(batch, s.batch_sharding)))
     loss_sum, count, nbytes = loss_sum + float(l), count + float(c), nbytes + float(b)
   if count == 0:
-    raise UserError("the validation split produced no batches; use more data or a smaller "
-                    "data.seq_len")
+    raise UserError("evaluation produced no batches (the split holds less than one batch of "
+                    "data.seq_len tokens); use more data or a smaller data.seq_len")
   return {"eval_loss": loss_sum / count,
           "bits_per_byte": loss_sum / (math.log(2) * nbytes) if nbytes else float("nan"),
           "eval_tokens": count}
@@ -344,6 +345,49 @@ def evaluate_params(s: Setup, eval_step, params, batches):
 
 # ---------------------------------------------------------------------------------------------
 # The loop.
+
+
+# What a resumed run must keep: the model's shapes and numerics, the data stream (which
+# documents, tokenized how, cut how, in which order, read by how many Grain workers), the seed
+# and the optimizer (its state's structure). Anything else (learning rate, steps, batch size,
+# mesh, evaluation, checkpointing) may change, and is named in a warning.
+RESUME_KEEPS = (
+    "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim",
+    "model.d_ff", "model.vocab_size", "model.tie_embeddings", "model.norm_eps",
+    "model.param_dtype", "model.rope_theta", "model.rope_scaling_factor",
+    "model.rope_low_freq_factor", "model.rope_high_freq_factor",
+    "model.rope_original_max_seq_len", "data.source", "data.text_field", "data.tokenizer",
+    "data.max_docs", "data.seq_len", "data.shuffle_seed", "data.validation_fraction",
+    "data.weights", "data.shard_mb", "data.worker_count", "train.seed", "optimizer.name")
+_RESUME_SILENT = ("distributed.", "train.progress_bar")  # Differ per launch or process.
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def check_resume_config(saved, cfg, where):
+  """Compare the config a checkpoint was written with (`saved`, a dict) with this run's `cfg`.
+
+  Raises UserError (one line) if a `RESUME_KEEPS` key changed: resuming would silently train on
+  other data (and overwrite the workdir's tokenizer), or fail deep in the restore. Returns the
+  other changes, "key old -> new", for a warning. Keys one side lacks (configs written by
+  another version) are not compared."""
+  old, new = _flatten(saved), _flatten(json.loads(config_lib.to_json(cfg)))  # Tuples as lists.
+  changed = [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
+  kept = [k for k in changed if any(k == keep or k.startswith(keep + ".") for keep in RESUME_KEEPS)]
+  if kept:
+    what = ", ".join(f"{k}={old[k]!r} (now {new[k]!r})" for k in kept[:3])
+    more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
+    raise UserError(f"{where} was trained with {what}{more}: a resumed run keeps its model, data, "
+                    "seed and optimizer; set the old value, or train into a new --workdir")
+  return [f"{k} {old[k]!r} -> {new[k]!r}" for k in changed if not k.startswith(_RESUME_SILENT)]
 
 
 class Preempted(Exception):
@@ -406,9 +450,11 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
   cfg = s.config
   is_main = jax.process_index() == 0
   checkpoint_lib.check_writable(workdir)  # One line naming the directory, before any compile.
-  if is_main:  # The resolved config: train.batch_size as this run uses it.
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(cfg))
+  saved_step, saved_config = checkpoint_lib.newest_config(os.path.join(workdir, "checkpoints"))
+  if saved_config is not None:
+    changes = check_resume_config(saved_config, cfg, f"{workdir} (checkpoint {saved_step})")
+    if changes and is_main:
+      checkpoint_lib.warn_stderr(f"resuming with changed settings: {'; '.join(changes)}")
 
   vocab = s.model_config.vocab_size
 
@@ -435,6 +481,8 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
   # The newest checkpoint that passes its checks and restores; invalid ones are named and set aside.
   latest, restored = ckpt.restore_latest(s.abstract_state.params, s.abstract_state.opt_state,
                                          train_iter)
+  if is_main:  # The resolved config (train.batch_size as this run uses it), once it resumed.
+    metrics_lib.write_atomically(os.path.join(workdir, "config.json"), config_lib.to_json(cfg))
   if latest is not None:
     opt_state = restored.get("opt_state")
     if opt_state is None:  # Params only (e.g. `jaxtrain convert` from HF): fresh optimizer.
@@ -469,6 +517,8 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
         f"params, {s.flops_per_token / 1e6:.1f} MFLOP/token, mesh {dict(s.mesh.shape)}, "
         f"peak {'none' if peak is None else f'{peak:.4g} TFLOP/s'} ({peak_source}); "
         f"steps {start} -> {last_step}")
+    if start >= last_step:
+      log(f"nothing to train: {workdir} is at step {start} and train.steps is {steps}")
 
   guard = nonfinite_lib.Guard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_in_a_row,
                              ckpt.directory)
@@ -499,7 +549,7 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
   t_start = time.time()
   pending = None  # (step, metrics still on the device)
   clock = None  # (step, time) when the device was last known to have finished `step`
-  last_record = {}
+  last_record = {"step": start}
   bar = _progress(last_step, start, cfg.train.progress_bar)
 
   def flush(pending_item):
@@ -566,6 +616,7 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
       if pending is not None:
         last_record = flush(pending)
       guard.check(upto=step)
+      ckpt.wait()  # The last save ends under the SIGTERM handler: a SIGTERM cannot cut it short.
   except Exception as e:  # pylint: disable=broad-except
     if jax.process_count() > 1 and not isinstance(e, (Preempted, UserError, RunFailure)):
       distributed.exit_on_error(e)  # A peer probably died: never wait for it (exits 1).

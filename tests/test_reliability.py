@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from jaxtrain import checkpoint as checkpoint_lib, cli, evaluate, sharding
+from jaxtrain import metrics as metrics_lib
 from jaxtrain import trainer as train_lib
 from jaxtrain.errors import RunFailure, UserError
 from test_train import corpus, tiny_config  # noqa: F401  (corpus is a fixture)
@@ -140,11 +142,7 @@ def test_a_failed_restore_is_one_line_without_orbax_echoes(corpus, reference, tm
   directory = str(tmp_path / "checkpoints")
   for step in ("4", "6"):
     shutil.copytree(os.path.join(reference, "checkpoints", step), os.path.join(directory, step))
-  data = [os.path.join(r, n) for r, _, names in os.walk(os.path.join(directory, "6", "params"))
-          for n in names if os.sep + "d" + os.sep in os.path.join(r, n)]
-  assert data
-  for path in data:
-    os.truncate(path, os.path.getsize(path) // 2)
+  _damage_arrays(os.path.join(directory, "6"))
   unraisable = []
   monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
   abstract = train_lib.make_setup(_config(corpus), _mesh()).abstract_state.params
@@ -171,6 +169,117 @@ def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(corpus, referenc
     train_lib.train(_config(corpus), workdir, mesh=_mesh(), log=quiet)
   assert "no checkpoint in" in str(e.value) and "\n" not in str(e.value)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
+
+
+def _damage_arrays(step_dir):
+  """Truncate every array data file of a step's params to half its size."""
+  data = [os.path.join(r, n) for r, _, names in os.walk(os.path.join(step_dir, "params"))
+          for n in names if os.sep + "d" + os.sep in os.path.join(r, n)]
+  assert data
+  for path in data:
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def test_eval_of_a_damaged_step_is_one_line_and_a_list_evaluates_the_others(
+    reference, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  _damage_arrays(os.path.join(workdir, "checkpoints", "4"))
+  capsys.readouterr()
+  assert cli.main(["eval", workdir, "--step=4", "--batches=1"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "step 4 could not be restored" in err, err
+  assert "Error reading" in err and "TensorStore" not in err
+  assert cli.main(["eval", workdir, "--steps=2,4,6", "--batches=1"]) == 2
+  captured = capsys.readouterr()
+  assert "step 4 could not be restored" in captured.err
+  assert "1 of 3 checkpoints could not be evaluated" in captured.err.splitlines()[-1]
+  with open(os.path.join(workdir, "eval.json")) as f:
+    assert [r["step"] for r in json.load(f)["results"]] == [2, 6]
+  assert cli.main(["eval", workdir, "--batches=0"]) == 2
+  assert "--batches=0 must be at least 1" in capsys.readouterr().err
+
+
+def test_eval_reads_the_checkpoint_config_when_config_json_is_damaged(reference, tmp_path,
+                                                                      capsys):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  open(os.path.join(workdir, "config.json"), "w").close()  # Emptied, as by a full disk.
+  capsys.readouterr()
+  assert cli.main(["eval", workdir, "--batches=1"]) == 0
+  captured = capsys.readouterr()
+  assert "config.json is unreadable" in captured.err and "checkpoint 6" in captured.err
+  assert "step=6" in captured.out
+
+
+@pytest.mark.parametrize("key, value", [
+    ("model.d_model", 64), ("model.rope_theta", 500000.0), ("data.max_docs", 50),
+    ("data.seq_len", 8), ("data.worker_count", 1), ("train.seed", 7),
+    ("optimizer.name", "muon")])
+def test_resume_refuses_a_changed_model_data_seed_or_optimizer(corpus, reference, key, value):
+  saved = json.loads(open(os.path.join(reference, "checkpoints", "6", "meta", "metadata")).read())
+  cfg = _config(corpus)
+  section, name = key.split(".")
+  cfg[section][name] = value
+  with pytest.raises(UserError) as e:
+    train_lib.check_resume_config(saved["config"], cfg, "run")
+  assert f"{key}=" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resume_with_other_settings_warns_and_a_refusal_touches_nothing(corpus, reference,
+                                                                         tmp_path, capsys):
+  """lr and steps may change (named in a warning). A changed seed is refused before anything in
+  the workdir is written: config.json and the tokenizer stay the run's."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  before = {name: open(os.path.join(workdir, name), "rb").read()
+            for name in ("config.json", "metrics.jsonl")}
+  tokenizer = sorted(os.listdir(os.path.join(workdir, "tokenizer")))
+  with pytest.raises(UserError) as e:
+    train_lib.train(_config(corpus, **{"seed": 3}), workdir, mesh=_mesh(), log=print)
+  assert "train.seed=0 (now 3)" in str(e.value)
+  assert {n: open(os.path.join(workdir, n), "rb").read() for n in before} == before
+  assert sorted(os.listdir(os.path.join(workdir, "tokenizer"))) == tokenizer
+  cfg = _config(corpus, steps=4)
+  cfg.optimizer.lr = 0.02
+  capsys.readouterr()
+  assert train_lib.train(cfg, workdir, mesh=_mesh(), log=print) == {"step": 6}
+  captured = capsys.readouterr()
+  assert "resuming with changed settings: optimizer.lr 0.01 -> 0.02; train.steps 6 -> 4" in (
+      captured.err)
+  assert "nothing to train" in captured.out
+
+
+def test_a_sigterm_during_the_last_checkpoint_write_and_a_half_metrics_line_lose_nothing(
+    corpus, reference, tmp_path, monkeypatch):
+  """The run's last save is waited for under the SIGTERM handler (before, a SIGTERM then
+  killed the process and left `<step>.orbax-checkpoint-tmp`). A metrics line cut short by an
+  earlier run is ended, skipped when read, and the loss plot is still drawn."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 7, "grad_no')
+  outside = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: outside.append("SIGTERM"))
+  real_wait = checkpoint_lib.Checkpointer.wait
+  sent = []
+
+  def wait_with_sigterm(self):
+    if self._writing == 8 and not sent:  # The wait for the run's last save (step 8).
+      sent.append(True)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_wait(self)
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "wait", wait_with_sigterm)
+  try:
+    train_lib.train(_config(corpus, steps=8), workdir, mesh=_mesh(), log=quiet)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert sent and outside == []  # The SIGTERM reached the trainer's handler, not the default.
+  ckpts = os.path.join(workdir, "checkpoints")
+  assert checkpoint_lib.check_step(ckpts, 8) is None
+  assert [r["step"] for r in metrics_lib.read_metrics(workdir) if "loss" in r][-2:] == [7, 8]
+  assert os.path.isfile(os.path.join(workdir, "loss.png"))
 
 
 # ---------------------------------------------------------------------------------------------
