@@ -7,6 +7,7 @@ the engine, and `bench serve` against the server reports every metric."""
 import concurrent.futures
 import json
 import random
+import time
 
 import httpx
 import pytest
@@ -149,8 +150,8 @@ BAD_FIELDS = [  # (field, bad values); each is tried in place of GOOD's or added
     ("prompt", [None, 3, 2.5, True, "", [], [-1], [97], [1.5], [[1], [2]], ["a", "b"],
                 [True], {"a": 1}, list(range(33)), "x" * 40, [[]]]),
     ("max_tokens", [0, -1, 2.5, "2", True, [], 10 ** 30, 121, 126]),
-    ("temperature", [-0.1, "0", [], True, 1e9]),
-    ("top_p", [0, -1, 1.5, "1", False]),
+    ("temperature", [-0.1, "0", [], True, 1e9, 10 ** 400]),
+    ("top_p", [0, -1, 1.5, "1", False, 10 ** 400]),
     ("top_k", [-2, 1.5, "3", True]),
     ("seed", [1.5, "1", 2 ** 64, True]),
     ("stop", [3, [3], [""], "", ["x"] * 17, ["x" * 300], {"a": 1}]),
@@ -306,6 +307,83 @@ def test_serve_and_bench_bad_input_is_one_line_and_exit_2(args, culprit, capsys)
   assert cli.main(args) == 2
   err = capsys.readouterr().err.strip()
   assert culprit in err and len(err.splitlines()) == 1, err
+
+
+def test_a_client_that_times_out_on_a_plain_request_cancels_it(server, monkeypatch):
+  """Starlette does not cancel a non-streaming endpoint when its client leaves: the server
+  watches the connection. Decode is slowed so that 120 tokens take about 1.5 s."""
+  from jaxtrain.serving import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  decode = engine_lib.gen.decode
+
+  def slow_decode(*args, **kwargs):
+    time.sleep(0.05)
+    return decode(*args, **kwargs)
+
+  monkeypatch.setattr(engine_lib.gen, "decode", slow_decode)
+  body = {"prompt": [3, 4, 5], "max_tokens": 120, "temperature": 0, "ignore_eos": True}
+  before = len(server.submitted)
+  for _ in range(4):  # more time-outs than slots
+    with pytest.raises(httpx.TimeoutException):
+      httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(0.3))
+  timed_out = server.submitted[before:before + 4]
+  for request in timed_out:
+    request.wait(timeout=30)
+  assert [r.finish_reason for r in timed_out] == ["cancelled"] * 4
+  assert all(len(r.tokens) < 120 for r in timed_out), [len(r.tokens) for r in timed_out]
+
+
+def test_a_huge_top_k_is_top_k_off_and_harms_nobody(server):
+  body = {"prompt": [3, 4, 5], "max_tokens": 8, "temperature": 1.0, "seed": 5}
+  off = post(server, {**body, "top_k": 0}).json()["choices"][0]["text"]
+  r = post(server, {**body, "top_k": 2 ** 40})
+  assert r.status_code == 200 and r.json()["choices"][0]["text"] == off
+
+
+def test_a_request_that_fails_to_start_fails_alone(model, monkeypatch):
+  from jaxtrain.serving import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  make = engine_lib.gen.Sampling.make
+
+  def make_or_fail(temperature, top_k, top_p, seeds):
+    if seeds == [666]:
+      raise OverflowError("seed 666")
+    return make(temperature, top_k, top_p, seeds)
+
+  monkeypatch.setattr(engine_lib.gen.Sampling, "make", make_or_fail)
+  engine = engine_lib.Engine(model, slots=2, max_len=64, chunk=4)
+  requests = [engine.submit(engine_lib.Request(prompt=[1, 2], max_tokens=5, seed=seed))
+              for seed in (1, 666, 2)]
+  engine.run_until_idle()
+  assert [r.finish_reason for r in requests] == ["length", "error", "length"]
+  assert "OverflowError: seed 666" in requests[1].error
+
+
+def test_the_earliest_stop_string_in_the_text_ends_it_whatever_its_place_in_the_list(model):
+  """Both stop strings arrive in one decode chunk (text positions 1..8: the first token comes
+  from the prefill alone), the one listed second first."""
+  run = lambda stop: jaxtrain.generate(model, [[3, 4, 5]], max_new_tokens=12, chunk=8,
+                                       tokenizer=CharTokenizer(), stop=stop)[0]
+  text = run(()).text
+  firsts = [p for p in range(1, 9) if text.index(text[p]) == p]
+  assert len(firsts) >= 2, text
+  early, late = text[firsts[0]], text[firsts[-1]]
+  out = run((late, early))
+  assert out.text == text[:firsts[0]] and out.finish_reason == "stop"
+
+
+class SentencePieceLike(CharTokenizer):
+  """Every token is a word "▁c"; like SentencePiece, decoding drops the leading space."""
+
+  def decode(self, ids):
+    return "".join(" " + CHARS[i] for i in ids).lstrip(" ")
+
+
+def test_completion_text_keeps_what_depends_on_the_prompt():
+  """A completion's text is what its tokens add to the prompt's: "a b" + " c d", not "c d"."""
+  tok = SentencePieceLike()
+  model = model_lib.create(TINY, seed=1)
+  out = jaxtrain.generate(model, [[40, 41]], max_new_tokens=4, tokenizer=tok)[0]
+  whole = tok.decode([40, 41] + out.tokens)
+  assert out.text == whole[len(tok.decode([40, 41])):] and out.text.startswith(" ")
 
 
 def test_engine_cancel_frees_an_active_slot_and_drops_a_waiting_request(model):

@@ -31,6 +31,9 @@ from jaxtrain.errors import UserError
 from jaxtrain.serving import generate as gen
 
 
+CONTEXT_TOKENS = 4  # prompt tokens decoded before a completion's (`Engine._text`)
+
+
 @dataclasses.dataclass
 class Request:
   """One completion request. `on_tokens(request, new_ids)` and `on_done(request)` are called
@@ -87,6 +90,7 @@ class Engine:
     self._lock = threading.Lock()
     self._wake = threading.Event()
     self._pending = None  # (tokens [steps, rows] device array, slot owners when dispatched)
+    self._admitting = None  # the request being prefilled
     self._thread = None
     self._stop = False
     self.warm_rows = ()  # the row counts `warmup` compiled decode for; others decode all slots
@@ -133,7 +137,7 @@ class Engine:
       if self.active[slot] is not None:
         continue
       request = None
-      while request is None:
+      while request is None:  # the next request not cancelled while it waited
         with self._lock:
           if not self.waiting:
             return
@@ -141,16 +145,24 @@ class Engine:
         if request.cancelled:  # its client left while it waited: finish it, take the next
           self._emit(request, [])
           request = None
+      self._admitting = request  # neither waiting nor active: `_fail_all` must still see it
       n = len(request.prompt)
       T = min(gen.bucket(n), self.max_len)
       tokens = np.zeros((1, T), np.int32)
       tokens[0, :n] = request.prompt
-      sampling = gen.Sampling.make([request.temperature], [request.top_k], [request.top_p],
-                                   [request.seed])
-      first, prefix = gen.prefill(self.config, self.weights, tokens, np.array([n], np.int32),
-                                  sampling)
+      try:  # the engine's state is untouched until insert: a failure here is this request's
+        sampling = gen.Sampling.make([request.temperature],
+                                     [min(request.top_k, self.config.vocab_size)],
+                                     [request.top_p], [request.seed])
+        first, prefix = gen.prefill(self.config, self.weights, tokens, np.array([n], np.int32),
+                                    sampling)
+      except Exception as e:  # pylint: disable=broad-except
+        self._admitting = None
+        _finish_with_error(request, f"{type(e).__name__}: {e}")
+        continue
       self.state = gen.insert(self.state, prefix, first, sampling, slot)
       self.active[slot] = request
+      self._admitting = None
       self._emit(request, [int(first[0])])
 
   def _emit(self, request, ids):
@@ -173,15 +185,14 @@ class Engine:
     if new:
       request.tokens.extend(new)
     if self.tokenizer is not None:
-      text = self.tokenizer.decode(request.tokens)
-      for s in request.stop:
-        cut = text.find(s)
-        if cut >= 0:
-          text, reason = text[:cut], "stop"
-          # Keep the tokens consistent with the text: drop those past the cut.
-          while request.tokens and len(self.tokenizer.decode(request.tokens)) > cut:
-            request.tokens.pop()
-          break
+      text = self._text(request, request.tokens)
+      cuts = [cut for cut in (text.find(s) for s in request.stop) if cut >= 0]
+      if cuts:  # the earliest stop string in the text, whichever its place in the list
+        cut = min(cuts)
+        text, reason = text[:cut], "stop"
+        # Keep the tokens consistent with the text: drop those past the cut.
+        while request.tokens and len(self._text(request, request.tokens)) > cut:
+          request.tokens.pop()
       request.text = text
     if reason is None and len(request.prompt) + len(request.tokens) >= self.max_len:
       reason = "length"
@@ -196,6 +207,15 @@ class Engine:
       request._event.set()  # pylint: disable=protected-access
       return True
     return False
+
+  def _text(self, request, tokens):
+    """The text `tokens` add after the prompt. Decoding them alone would lose what depends on
+    the tokens before (SentencePiece drops the space a first piece "▁world" starts with), so
+    they are decoded after the prompt's last few tokens, whose own text is then cut off."""
+    context = list(request.prompt[-CONTEXT_TOKENS:])
+    head = self.tokenizer.decode(context)
+    whole = self.tokenizer.decode(context + list(tokens))
+    return whole[len(head):] if whole.startswith(head) else self.tokenizer.decode(tokens)
 
   def _consume(self, pending):
     tokens_SB, owners = pending
@@ -269,23 +289,30 @@ class Engine:
 
   def _fail_all(self, message):
     with self._lock:
-      victims = [r for r in self.active if r is not None] + list(self.waiting)
+      victims = ([r for r in self.active if r is not None] + [self._admitting] +
+                 list(self.waiting))
       self.waiting.clear()
     self.active = [None] * self.slots
-    self._pending = None
+    self._pending = self._admitting = None
     self.state = gen.DecodeState.empty(self.config, self.slots, self.max_len)
     for r in victims:
-      if r.finish_reason is None:
-        r.error, r.finish_reason, r.done_time = message, "error", time.perf_counter()
-        if r.on_done is not None:
-          r.on_done(r)
-        r._event.set()  # pylint: disable=protected-access
+      if r is not None:
+        _finish_with_error(r, message)
 
   def stop(self):
     self._stop = True
     self._wake.set()
     if self._thread is not None:
       self._thread.join(timeout=10)
+
+
+def _finish_with_error(request, message):
+  if request.finish_reason is None:
+    request.error, request.finish_reason = message, "error"
+    request.done_time = time.perf_counter()
+    if request.on_done is not None:
+      request.on_done(request)
+    request._event.set()  # pylint: disable=protected-access
 
 
 def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=0,

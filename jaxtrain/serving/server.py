@@ -44,6 +44,7 @@ from jaxtrain.serving import engine as engine_lib
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_TEMPERATURE = 100.0
+DISCONNECT_POLL_SECONDS = 0.5  # how often a non-streaming request checks its client is there
 
 
 @dataclasses.dataclass
@@ -87,7 +88,12 @@ def _is_int(v):
 
 
 def _is_number(v):
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  if not isinstance(v, (int, float)) or isinstance(v, bool):
+    return False
+  try:
+    return math.isfinite(v)
+  except OverflowError:  # an integer beyond any float (JSON allows 10**400)
+    return False
 
 
 def model_info(engine):
@@ -289,7 +295,8 @@ class CompletionServer:
                            429, "rate_limit_error")
       except BadRequest as e:
         return error_response(e.status, e.message, e.param, e.kind)
-      return await (self._stream(request, include_usage) if stream else self._complete(request))
+      return await (self._stream(request, include_usage) if stream else
+                    self._complete(request, http))
 
     return app
 
@@ -332,12 +339,19 @@ class CompletionServer:
     n, m = len(request.prompt), len(request.tokens)
     return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
-  async def _complete(self, request):
+  async def _complete(self, request, http):
+    """Wait for the whole completion. A client that hangs up (or times out) meanwhile cancels
+    it: Starlette does not cancel a plain endpoint when its client leaves, so the wait also
+    watches the connection, or the request would hold its slot until max_tokens."""
     events = self._submit(request)
+    done = asyncio.ensure_future(self._until_done(events))
     try:
-      while (await events.get())[0] != "done":
-        pass
+      while not done.done():
+        await asyncio.wait([done], timeout=DISCONNECT_POLL_SECONDS)
+        if not done.done() and await http.is_disconnected():
+          break
     finally:
+      done.cancel()
       if request.finish_reason is None:  # the client went away
         self.engine.cancel(request)
     if request.finish_reason == "error":
@@ -347,6 +361,11 @@ class CompletionServer:
     if self.tokenizer is None:
       choice["token_ids"] = list(request.tokens)
     return self._body(f"cmpl-{request.id}", [choice], usage=self._usage(request))
+
+  @staticmethod
+  async def _until_done(events):
+    while (await events.get())[0] != "done":
+      pass
 
   async def _stream(self, request, include_usage):
     events = self._submit(request)
