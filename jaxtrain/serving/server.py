@@ -288,8 +288,8 @@ class CompletionServer:
       try:
         body = await self._read_body(http)
         request, stream, include_usage = self.parse(body)
-        with self.engine._lock:  # pylint: disable=protected-access
-          waiting = len(self.engine.waiting)
+        with self.engine._lock:  # pylint: disable=protected-access  (cancelled ones never run)
+          waiting = sum(not r.cancelled for r in self.engine.waiting)
         if waiting >= self.limits.max_waiting:
           raise BadRequest(f"{waiting} requests are already waiting: try again later", None,
                            429, "rate_limit_error")
