@@ -61,18 +61,26 @@ def check_step(directory, step):
   return None
 
 
+def newest_step(directory):
+  """The newest step of `directory` that passes `check_step`, or None."""
+  if not os.path.isdir(directory):
+    return None
+  for step in sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True):
+    if check_step(directory, step) is None:
+      return step
+  return None
+
+
 def newest_config(directory):
   """(step, the config dict saved with it) of the newest step that passes `check_step`, or
   (None, None): no such step, or it was not written by training (a workdir converted from HF
   holds step 0 without a config). Plain file reads: no Orbax, nothing compiled."""
-  if not os.path.isdir(directory):
+  step = newest_step(directory)
+  if step is None:
     return None, None
-  for step in sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True):
-    if check_step(directory, step) is None:
-      with open(os.path.join(directory, str(step), "meta", "metadata")) as f:
-        config = json.load(f).get("config")
-      return (step, config) if isinstance(config, dict) else (None, None)
-  return None, None
+  with open(os.path.join(directory, str(step), "meta", "metadata")) as f:
+    config = json.load(f).get("config")
+  return (step, config) if isinstance(config, dict) else (None, None)
 
 
 def check_writable(workdir):

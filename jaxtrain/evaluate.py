@@ -125,6 +125,24 @@ def checkpoint_steps(workdir):
     ckpt.close()
 
 
+def _use_the_run_tokenizer(cfg, workdir, other_data):
+  """Evaluate with the ids the run trained on. A BPE tokenizer is trained per corpus: other
+  data (`--config.data.source=...`) or a corpus changed since training would get another one,
+  and the loss would be measured on ids that mean other text. Then the data is tokenized with
+  the run's saved tokenizer instead."""
+  from jaxtrain import data  # pylint: disable=import-outside-toplevel
+  from jaxtrain.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  saved = os.path.join(workdir, "tokenizer")
+  path = tokenizer_lib.saved_file(saved)
+  if path is None or cfg.data.tokenizer != "bpe":
+    return
+  vocab = cfg.model.vocab_size
+  if (other_data or not data.is_prepared(cfg.data, vocab) or
+      not tokenizer_lib.same_as_saved(data.load_tokenizer(cfg.data, vocab), saved)):
+    with cfg.unlocked():
+      cfg.data.tokenizer = str(path)
+
+
 def evaluate_workdir(workdir, split="validation", max_batches=None, step=None, overrides=()):
   """Loss, perplexity and bits per byte of a workdir's checkpoint on a split of its data (or of
   other data, with `--config.data.source=...` overrides)."""
@@ -138,6 +156,7 @@ def evaluate_steps(workdir, steps, split="validation", max_batches=None, overrid
   a warning and left out of the results (a single step raises)."""
   from jaxtrain import data, trainer as train_lib  # pylint: disable=import-outside-toplevel
   cfg = _workdir_config(workdir, overrides)
+  _use_the_run_tokenizer(cfg, workdir, other_data=any(k.startswith("data.") for k, _ in overrides))
   have = checkpoint_steps(workdir)
   missing = [st for st in steps if st is not None and st not in have]
   if missing:

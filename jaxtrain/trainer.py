@@ -28,6 +28,7 @@ from jaxtrain import config as config_lib
 from jaxtrain import distributed
 from jaxtrain import hardware, metrics as metrics_lib, model as model_lib, ops, optim, sharding
 from jaxtrain import nonfinite as nonfinite_lib
+from jaxtrain.data import tokenizer as tokenizer_lib
 from jaxtrain.errors import RunFailure, UserError
 
 
@@ -467,8 +468,19 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
     return tok
 
   tokenizer = distributed.once(prepare)
-  if is_main:
-    tokenizer.save(os.path.join(workdir, "tokenizer"))
+  run_tokenizer = os.path.join(workdir, "tokenizer")
+  if tokenizer_lib.saved_file(run_tokenizer) is not None and checkpoint_lib.newest_step(
+      os.path.join(workdir, "checkpoints")) is not None:
+    # The checkpoints were trained on the run's token ids: data that tokenizes otherwise (the
+    # corpus changed under data.source and BPE was retrained, or data.tokenizer names another
+    # one) would train them on ids that mean other text.
+    if not tokenizer_lib.same_as_saved(tokenizer, run_tokenizer):
+      raise UserError(f"{run_tokenizer} differs from the tokenizer data.source gives now, and the "
+                      "checkpoints use its ids: the corpus changed since the run started (files "
+                      "added, removed or edited) or data.tokenizer names another; restore it, or "
+                      "train into a new --workdir")
+  elif is_main:
+    tokenizer.save(run_tokenizer)
   dp_size = sharding.data_parallel_size(s.mesh)
   per_process_batch = cfg.train.batch_size // jax.process_count()
   train_iter = data.train_iterator(cfg.data, vocab, per_process_batch, seed=cfg.train.seed)

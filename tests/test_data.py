@@ -313,6 +313,37 @@ def test_non_byte_level_tokenizer_json_counts_bytes_from_offsets(tmp_path):
   assert sum(s['bytes'] for s in stats.values()) == sum(len(t.encode()) for t in texts)
 
 
+def test_a_tokenizer_json_with_truncation_or_padding_tokenizes_documents_whole(tmp_path):
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  texts = make_texts(20)
+  hf = Tokenizer(models.WordLevel(unk_token='[UNK]'))
+  hf.pre_tokenizer = pre_tokenizers.Whitespace()
+  hf.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=['[UNK]', '</s>']))
+  plain = tokenizer_lib.load(_saved(hf, tmp_path / 'plain'))
+  hf.enable_truncation(4)
+  hf.enable_padding(length=64, pad_id=0)
+  tok = tokenizer_lib.load(_saved(hf, tmp_path / 'fixed'))
+  text = texts[0]
+  assert len(plain.encode(text)) > 4
+  assert tok.encode(text) == plain.encode(text)
+  assert [ids.tolist() for ids, _ in tok.encode_with_bytes([text])] == [plain.encode(text)]
+  assert tokenizer_lib.same_as_saved(tok, tmp_path / 'plain')  # the settings change no ids
+
+
+def test_same_as_saved_tells_a_retrained_bpe_apart(tmp_path):
+  a = tokenizer_lib.train_bpe(make_texts(40), 300)
+  b = tokenizer_lib.train_bpe(make_texts(40)[:20] + ['zebra quokka ' * 50], 300)
+  a.save(tmp_path / 'a')
+  assert tokenizer_lib.same_as_saved(a, tmp_path / 'a')
+  assert not tokenizer_lib.same_as_saved(b, tmp_path / 'a')
+
+
+def _saved(hf, directory):
+  directory.mkdir()
+  hf.save(str(directory / 'tokenizer.json'))
+  return directory / 'tokenizer.json'
+
+
 def test_sentencepiece_model(tmp_path):
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   texts = make_texts(40)

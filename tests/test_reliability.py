@@ -250,6 +250,34 @@ def test_resume_with_other_settings_warns_and_a_refusal_touches_nothing(corpus, 
   assert "nothing to train" in captured.out
 
 
+def test_resume_refuses_data_that_tokenizes_otherwise_and_eval_uses_the_run_tokenizer(
+    corpus, reference, tmp_path):
+  """The corpus under data.source changed (so BPE would be retrained): training must not go on
+  with ids that mean other text, and evaluation tokenizes with the run's own tokenizer."""
+  from jaxtrain.data import tokenizer as tokenizer_lib
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  run_tokenizer = os.path.join(workdir, "tokenizer")
+  other = tokenizer_lib.train_bpe(["zebra quokka narwhal " * 40, "ocelot " * 30] * 5, 320)
+  cfg = _config(corpus)
+  assert evaluate._workdir_config(workdir).data.tokenizer == "bpe"
+  evaluated = evaluate._workdir_config(workdir)
+  evaluate._use_the_run_tokenizer(evaluated, workdir, other_data=False)
+  assert evaluated.data.tokenizer == "bpe"  # the prepared data is the run's: nothing to change
+  evaluate._use_the_run_tokenizer(evaluated, workdir, other_data=True)
+  assert evaluated.data.tokenizer == os.path.join(run_tokenizer, "tokenizer.json")
+  shutil.rmtree(run_tokenizer)
+  other.save(run_tokenizer)  # as if the data's tokenizer had changed since the run started
+  before = open(os.path.join(run_tokenizer, "tokenizer.json"), "rb").read()
+  with pytest.raises(UserError) as e:
+    train_lib.train(cfg, workdir, mesh=_mesh(), log=quiet)
+  assert "differs from the tokenizer data.source gives now" in str(e.value)
+  assert open(os.path.join(run_tokenizer, "tokenizer.json"), "rb").read() == before
+  evaluated = evaluate._workdir_config(workdir)
+  evaluate._use_the_run_tokenizer(evaluated, workdir, other_data=False)
+  assert evaluated.data.tokenizer == os.path.join(run_tokenizer, "tokenizer.json")
+
+
 def test_a_sigterm_during_the_last_checkpoint_write_and_a_half_metrics_line_lose_nothing(
     corpus, reference, tmp_path, monkeypatch):
   """The run's last save is waited for under the SIGTERM handler (before, a SIGTERM then

@@ -255,6 +255,10 @@ class HFTokenizer(Tokenizer):
     (directory / 'tokenizer_config.json').write_text(json.dumps(config, indent=2) + '\n')
     return path
 
+  def model(self):
+    """The tokenizer.json's model: vocabulary and merges (what decides the ids)."""
+    return json.loads(self._tok.to_str())['model']
+
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> HFTokenizer:
     """Loads tokenizer.json; special tokens come from a tokenizer_config.json beside it if any."""
@@ -276,6 +280,10 @@ class HFTokenizer(Tokenizer):
                       'eos_token next to it)')
     if bos is not None and tok.token_to_id(bos) is None:
       bos = None
+    # A tokenizer.json may carry truncation or padding settings (for a model's fixed input):
+    # documents must be tokenized whole, never cut or padded.
+    tok.no_truncation()
+    tok.no_padding()
     return cls(tok, eos, bos)
 
 
@@ -340,6 +348,10 @@ class SentencePieceTokenizer(Tokenizer):
     path.write_bytes(self._proto)
     return path
 
+  def model(self):
+    """The sentencepiece model proto (what decides the ids)."""
+    return self._proto
+
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
     path = pathlib.Path(path)
@@ -373,6 +385,23 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, length: int | None = Non
   return HFTokenizer(tok, EOS_TOKEN)
 
 
+def saved_file(directory: str | os.PathLike) -> pathlib.Path | None:
+  """The tokenizer file `Tokenizer.save` wrote into `directory` (tokenizer.json or .model)."""
+  for name in ('tokenizer.json', 'tokenizer.model'):
+    if (pathlib.Path(directory) / name).is_file():
+      return pathlib.Path(directory) / name
+  return None
+
+
+def same_as_saved(tokenizer: Tokenizer, directory: str | os.PathLike) -> bool:
+  """Whether `tokenizer` maps text to the ids the one saved in `directory` does: the same model
+  (vocabulary and merges, or sentencepiece proto) and end/begin-of-text ids. Files are not
+  compared byte for byte: a tokenizer copied from HF carries settings that do not change ids."""
+  saved = load(directory)
+  return (type(saved) is type(tokenizer) and saved.eos_id == tokenizer.eos_id
+          and saved.bos_id == tokenizer.bos_id and saved.model() == tokenizer.model())
+
+
 def load(path: str | os.PathLike) -> Tokenizer:
   """Loads a tokenizer from a tokenizer.json, a sentencepiece .model, or a directory holding one.
 
@@ -380,10 +409,10 @@ def load(path: str | os.PathLike) -> Tokenizer:
   """
   path = pathlib.Path(os.path.expanduser(os.fspath(path)))
   if path.is_dir():
-    for name in ('tokenizer.json', 'tokenizer.model'):
-      if (path / name).is_file():
-        return load(path / name)
-    raise UserError(f'{path}: directory holds no tokenizer.json or tokenizer.model')
+    found = saved_file(path)
+    if found is None:
+      raise UserError(f'{path}: directory holds no tokenizer.json or tokenizer.model')
+    return load(found)
   if not path.is_file():
     raise UserError(f'{path}: no such tokenizer file')
   if path.suffix == '.model':
