@@ -685,11 +685,17 @@ def main(argv=None):
     print(f"error: {e}", file=sys.stderr)
     return 1
   except OSError as e:
-    if e.errno not in _DISK_ERRNOS:
+    if e.errno in _DISK_ERRNOS:
+      what = ("metrics or checkpoints could not be written; the last complete checkpoint is "
+              "intact" if verb == "train" else "a file could not be written")
+      print(f"error: {e} ({what}: free space and re-run the same command)", file=sys.stderr)
+      return 1
+    if e.filename is None:
       raise
-    print(f"error: {e} (metrics or checkpoints could not be written; the last complete checkpoint "
-          "is intact: free space and re-run the same command)", file=sys.stderr)
-    return 1
+    # A path the command was given or derived that it cannot use (a file where a directory
+    # should be, no permission): the message names it.
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   except Preempted as e:
     print(f"{e}", file=sys.stderr)
     return 1

@@ -212,6 +212,15 @@ def test_jsonl_corpus_uses_text_field_and_skips_blank_lines(tmp_path):
   assert sum(s['bytes'] for s in stats.values()) == sum(len(t.encode()) for t in texts)
 
 
+def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path):
+  texts = make_texts(6)
+  path = tmp_path / 'bom.jsonl'
+  path.write_bytes(b'\xef\xbb\xbf' + ''.join(json.dumps({'text': t}) + '\n'
+                                             for t in texts).encode())
+  stats = data.prepare(config(tmp_path, str(path)), VOCAB)
+  assert sum(s['documents'] for s in stats.values()) == 6
+
+
 def test_a_single_document_is_split_by_lines(tmp_path):
   path = tmp_path / 'book.txt'
   path.write_text(''.join(f'line {i} of the only document\n' for i in range(100)))
@@ -231,6 +240,26 @@ def test_split_follows_each_document_name():
   # A document keeps its split when the rest of the corpus changes.
   assert corpus.choose_validation(names[:200], 0.1) == is_val[:200]
   assert corpus.choose_validation(['a', 'b'], 0.01).count(True) == 1
+
+
+@pytest.mark.parametrize('pattern', ['c1/**/*.jsonl', 'c1', 'c1/sub1/a.jsonl'])
+def test_document_names_stay_when_files_are_added_higher_up(tmp_path, pattern):
+  """Names (and so splits) are paths below the source's own directory, not below the deepest
+  directory common to today's files, which moved up when c1/other/c.jsonl arrived."""
+  (tmp_path / 'c1' / 'sub1').mkdir(parents=True)
+  for name in ('a', 'b'):
+    (tmp_path / 'c1' / 'sub1' / f'{name}.jsonl').write_text(json.dumps({'text': name}) + '\n')
+  source = str(tmp_path / pattern)
+
+  def names():
+    files = corpus.LocalCorpus(source, 'text', 0, 0.1).files
+    return {f.name: files.name(i) for i, f in enumerate(files.files)}
+
+  before = names()
+  (tmp_path / 'c1' / 'other').mkdir()
+  (tmp_path / 'c1' / 'other' / 'c.jsonl').write_text(json.dumps({'text': 'c'}) + '\n')
+  after = names()
+  assert {k: v for k, v in after.items() if k in before} == before
 
 
 # --- the default corpus and tfds: --------------------------------------------------------------
@@ -336,6 +365,19 @@ def test_same_as_saved_tells_a_retrained_bpe_apart(tmp_path):
   a.save(tmp_path / 'a')
   assert tokenizer_lib.same_as_saved(a, tmp_path / 'a')
   assert not tokenizer_lib.same_as_saved(b, tmp_path / 'a')
+
+
+def test_the_cache_key_of_a_tokenizer_json_covers_its_tokenizer_config(tmp_path):
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  hf = Tokenizer(models.WordLevel(unk_token='[UNK]'))
+  hf.pre_tokenizer = pre_tokenizers.Whitespace()
+  hf.train_from_iterator(make_texts(10), trainers.WordLevelTrainer(
+      special_tokens=['[UNK]', '</s>', '<eot>']))
+  path = _saved(hf, tmp_path / 'tok')
+  key = store._tokenizer_key(str(path), VOCAB)  # pylint: disable=protected-access
+  (tmp_path / 'tok' / 'tokenizer_config.json').write_text(json.dumps({'eos_token': '<eot>'}))
+  assert store._tokenizer_key(str(path), VOCAB) != key  # pylint: disable=protected-access
+  assert tokenizer_lib.load(path).eos_id == hf.token_to_id('<eot>')
 
 
 def _saved(hf, directory):

@@ -99,6 +99,14 @@ def test_garbled_data_files_are_prepared_or_refused_in_one_line(capsys, tmp_path
   _assert_clean(*_main(argv, capsys))
 
 
+def test_a_data_dir_that_is_a_file_is_one_line_and_exit_2(capsys, tmp_path):
+  blocker = tmp_path / "a-file"
+  blocker.write_text("")
+  assert cli.main(["data", "prepare", f"--config.data.data_dir={blocker}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "Not a directory" in err and str(blocker) in err, err
+
+
 def _subprocess(args):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")

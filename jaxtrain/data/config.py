@@ -127,6 +127,21 @@ def mixture_weights(weights, count: int) -> list[float]:
   return [v / total for v in values]
 
 
+def local_source_root(source: str) -> pathlib.Path:
+  """The directory `data.source` names its files under: a glob's directories before the first
+  wildcard, a directory itself, a file's parent. Documents are named by their path below it,
+  so files added anywhere the source reaches leave every other document's name (and split) as
+  it was; the deepest directory common to the files would move when a file lands higher up."""
+  expanded = os.path.expanduser(source)
+  if any(c in expanded for c in '*?['):
+    parts = pathlib.Path(expanded).parts
+    first = next(i for i, part in enumerate(parts) if any(c in part for c in '*?['))
+    return pathlib.Path(*parts[:first]).absolute() if first else pathlib.Path.cwd()
+  if os.path.isdir(expanded):
+    return pathlib.Path(expanded).absolute()
+  return pathlib.Path(expanded).absolute().parent
+
+
 def resolve_local_files(source: str) -> list[pathlib.Path]:
   """The files `data.source` names: one file, a directory (its .txt/.jsonl files) or a glob."""
   expanded = os.path.expanduser(source)

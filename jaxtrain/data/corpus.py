@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds  # only tf.data needs TensorFlow, and we never use it
 
-from jaxtrain.data.config import resolve_local_files
+from jaxtrain.data.config import local_source_root, resolve_local_files
 from jaxtrain.data.sources import Document, LocalFiles, clean_str as _clean_str, decode_utf8
 from jaxtrain.errors import UserError
 
@@ -257,7 +257,7 @@ class LocalCorpus:
 
   def __init__(self, source: str, text_field: str, max_docs: int, validation_fraction: float):
     files = resolve_local_files(source)
-    root = pathlib.Path(os.path.commonpath([p.parent for p in files]))
+    root = local_source_root(source)
     self.files = LocalFiles(tuple(files), root, text_field)
     self._fraction = self.fraction = validation_fraction
     fingerprint = hashlib.sha256()

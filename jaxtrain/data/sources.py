@@ -166,6 +166,8 @@ class LocalFiles:
       line, replaced = decode_utf8(raw)
       invalid += replaced
       total += len(raw)
+      if line_no == 1:
+        line = line.removeprefix('\ufeff')  # a UTF-8 byte-order mark, as some editors write
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:

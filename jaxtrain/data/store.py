@@ -128,17 +128,22 @@ def _id_dtype(vocab_size: int) -> str:
 
 
 def _tokenizer_key(spec: str, vocab_size: int) -> str:
-  """Cache key of `data.tokenizer`: BPE depends on the vocab size, a file on its contents only."""
+  """Cache key of `data.tokenizer`: BPE depends on the vocab size, a file on its contents and
+  on the tokenizer_config.json beside a tokenizer.json (its eos_token is the separator)."""
   if spec == 'bpe':
     return f'bpe-v{vocab_size}'
   path = pathlib.Path(os.path.expanduser(spec))
   if path.is_dir():
-    path = next((path / n for n in ('tokenizer.json', 'tokenizer.model') if (path / n).is_file()),
-                path)
+    path = tokenizer_lib.saved_file(path) or path
+  digest = hashlib.sha256()
   try:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    digest.update(path.read_bytes())
+    config = path.parent / 'tokenizer_config.json'
+    if path.suffix == '.json' and config.is_file():
+      digest.update(b'\0' + config.read_bytes())
   except OSError as e:
     raise UserError(f'data.tokenizer: cannot read {spec} ({e.strerror})') from None
+  digest = digest.hexdigest()[:16]
   kind = 'spm' if path.suffix == '.model' else 'hf'
   return f'{kind}-{digest}'
 
