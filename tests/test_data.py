@@ -221,6 +221,19 @@ def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path):
   assert sum(s['documents'] for s in stats.values()) == 6
 
 
+def test_many_small_files_make_few_units_and_shards(tmp_path):
+  """300 small files (before: a unit and two shard files each, all held open by training)."""
+  texts = make_texts(300)
+  for i, text in enumerate(texts):
+    (tmp_path / 'c' / f'{i // 100}').mkdir(parents=True, exist_ok=True)
+    (tmp_path / 'c' / f'{i // 100}' / f'f{i:03d}.txt').write_text(text)
+  assert corpus.LocalCorpus(str(tmp_path / 'c'), 'text', 0, 0.1).units() == [0]
+  stats = data.prepare(config(tmp_path, str(tmp_path / 'c')), VOCAB)
+  assert sum(s['documents'] for s in stats.values()) == 300
+  shards = list((tmp_path / 'data').rglob('*.array_record'))
+  assert 1 <= len(shards) <= 2, len(shards)
+
+
 def test_a_single_document_is_split_by_lines(tmp_path):
   path = tmp_path / 'book.txt'
   path.write_text(''.join(f'line {i} of the only document\n' for i in range(100)))

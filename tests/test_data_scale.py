@@ -18,6 +18,7 @@ import pytest
 import zstandard
 
 import jaxtrain.data as data
+from jaxtrain.data import corpus as corpus_lib
 from jaxtrain.data import store
 from jaxtrain.data import tokenizer as tokenizer_lib
 from jaxtrain.errors import UserError
@@ -181,6 +182,13 @@ def test_bad_lines_inside_compressed_jsonl_name_file_and_line(tmp_path):
 # --- parallel, resumable preparation ------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def one_unit_per_file(monkeypatch):
+  """Preparation units of one file each (small files are grouped into 64 MB units otherwise),
+  so that a few small files make several units to kill, resume and share out."""
+  monkeypatch.setattr(corpus_lib, 'UNIT_BYTES', 1)
+
+
 def shard_corpus(directory, files=6, docs=25):
   for i in range(files):
     write_jsonl(directory / f'part-{i:03d}.jsonl', make_texts(docs, seed=i))
@@ -207,7 +215,6 @@ def test_killed_preparation_resumes_and_gives_the_same_shards(tmp_path, monkeypa
   done = list((tmp_path / 'run' / 'data').glob('tokens-v*/*/*/units/*/done.json'))
   assert len(done) == 3
   assert not list((tmp_path / 'run' / 'data').glob('tokens-v*/*/*/stats.json'))
-  monkeypatch.undo()
 
   redone = []
   monkeypatch.setattr(store, 'write_unit',
@@ -226,7 +233,7 @@ def test_sigkilled_preparation_resumes_and_gives_the_same_shards(tmp_path):
   reference = store.prepare(config(tmp_path / 'ref', corpus), VOCAB)
   cfg = config(tmp_path / 'run', corpus)
   script = ('import sys, json; sys.path.insert(0, %r); import ml_collections; '
-            'from jaxtrain.data import store; '
+            'from jaxtrain.data import corpus, store; corpus.UNIT_BYTES = 1; '
             'store.prepare(ml_collections.ConfigDict(json.loads(sys.argv[1])), %d)'
             % (str(pathlib.Path(__file__).parents[1]), VOCAB))
   proc = subprocess.Popen([sys.executable, '-c', script, json.dumps(cfg.to_dict())])

@@ -247,12 +247,31 @@ class StdlibCorpus(_OneUnit):
 # Local .txt / .jsonl files.
 
 
+UNIT_BYTES = 64 << 20  # input bytes per preparation unit of a local corpus (`LocalCorpus`)
+
+
+def _group_by_size(sizes: list[int], target: int) -> list[range]:
+  """Consecutive indices in groups, each closed as soon as its sizes add up to `target`."""
+  groups, start, total = [], 0, 0
+  for i, size in enumerate(sizes):
+    total += size
+    if total >= target:
+      groups.append(range(start, i + 1))
+      start, total = i + 1, 0
+  if start < len(sizes):
+    groups.append(range(start, len(sizes)))
+  return groups
+
+
 class LocalCorpus:
   """Documents streamed from local files (see `sources.LocalFiles` for the formats and checks).
 
-  Preparation works in units, one file each, so that files can be tokenized by several processes
-  and a killed preparation redoes only the files it had not finished. With `max_docs` the first N
-  documents in file order are wanted, which one sequential unit over every file gives.
+  Preparation works in units of consecutive files of about `UNIT_BYTES` (a larger file is a unit
+  of its own), so that files can be tokenized by several processes and a killed preparation
+  redoes only the units it had not finished. Each unit writes its own shards, so one unit per
+  small file made a corpus of 1,500 small files into 4,500 shard files, which training then
+  held open at once (past the usual limit of 1,024). With `max_docs` the first N documents in
+  file order are wanted, which one sequential unit over every file gives.
   """
 
   def __init__(self, source: str, text_field: str, max_docs: int, validation_fraction: float):
@@ -265,6 +284,8 @@ class LocalCorpus:
       st = p.stat()
       fingerprint.update(f'{p}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
     fingerprint.update(f'{text_field}\0{max_docs}\0{validation_fraction!r}'.encode())
+    fingerprint.update(f'units of {UNIT_BYTES}'.encode())  # another grouping: another cache
+    self._groups = _group_by_size([p.stat().st_size for p in files], UNIT_BYTES)
     # The key comes from names, sizes and times alone, so a prepared corpus is found again
     # without reading any file; reading and checking waits until documents are asked for.
     self.key = f'local-{fingerprint.hexdigest()[:16]}'
@@ -273,11 +294,12 @@ class LocalCorpus:
     self.parallel = not max_docs
 
   def units(self) -> list[int]:
-    return [0] if self._max_docs else list(range(len(self.files.files)))
+    return [0] if self._max_docs else list(range(len(self._groups)))
 
   def _unit_items(self, unit: int) -> Iterator[tuple[str, Document]]:
     if not self._max_docs:
-      yield from self.files.documents(unit)
+      for i in self._groups[unit]:
+        yield from self.files.documents(i)
       return
     count = 0
     for i in range(len(self.files.files)):

@@ -14,7 +14,8 @@ Layout under `data.data_dir`:
                                              + done.json, fixup/ (tiny corpora, see _finish),
                                              stats.json (written last: its presence = done)
 
-A unit is one input file (the whole corpus for `default`, `tfds:` and `max_docs`). It streams
+A unit is a run of input files of about 64 MB (`corpus.UNIT_BYTES`; the whole corpus for
+`default`, `tfds:` and `max_docs`). It streams
 through its documents once, sends each to train or validation by the hash of its name, tokenizes
 them in bounded chunks and writes its own shards, closed past `data.shard_mb`; its directory is
 renamed into place only when complete. So memory does not grow with the corpus, units run in
