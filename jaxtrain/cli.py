@@ -321,8 +321,10 @@ def cmd_convert(argv):
     raise UserError("usage: jaxtrain convert SRC DST (an HF LLaMA directory and a workdir, "
                     "either way round)")
   src, dst = args.positional
-  step = int(args.flags["step"]) if "step" in args.flags else None
-  print(convert.convert_command(src, dst, step=step))
+  step = args.flags.get("step")
+  if step is not None and not step.strip().isdigit():
+    raise UserError(f"--step={step!r} is not a checkpoint step (an integer)")
+  print(convert.convert_command(src, dst, step=None if step is None else int(step)))
 
 
 def cmd_compare(argv):

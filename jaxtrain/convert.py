@@ -331,11 +331,22 @@ def _read_params(hf_dir, cfg, abstract_params):
   files, listing = _tensor_files(hf_dir)
   tensors = _layout(cfg, abstract_params)
   _check_tensor_names(hf_dir, files, listing, tensors, cfg)
+  reading = [listing]  # the file being read, for the message when it turns out damaged
+  try:
+    return _read_tensors(hf_dir, cfg, abstract_params, files, tensors, reading)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own types)
+    raise UserError(f"{hf_dir}/{reading[0]} is not a readable safetensors file "
+                    f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+
+
+def _read_tensors(hf_dir, cfg, abstract_params, files, tensors, reading):
   with contextlib.ExitStack() as stack:
     handles, contents = {}, {}
 
     def reader(name):
-      file = files[name]
+      file = reading[0] = files[name]
       if file not in handles:
         handles[file] = stack.enter_context(
             safe_open(os.path.join(hf_dir, file), framework="numpy"))
@@ -560,6 +571,9 @@ def hf_to_workdir(hf_dir, workdir):
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise UserError(f"{ckpt_dir} already holds checkpoints; convert into a new workdir")
+  if os.path.isdir(workdir) and os.listdir(workdir) and not os.path.isdir(ckpt_dir):
+    # Not a workdir: an HF model (the source itself, say) would lose its config.json.
+    raise UserError(f"{workdir} exists and is not empty; convert into a new workdir")
   hf_config = _read_json(os.path.join(hf_dir, "config.json"), "an HF LLaMA directory")
   cfg = config_from_hf(hf_config)
   _, abstract_params = model_lib.params_of(model_lib.abstract_model(cfg))
@@ -613,7 +627,11 @@ def workdir_to_hf(workdir, out_dir, step=None, dtype=None,
         raise UserError(f"{workdir}/checkpoints holds no valid checkpoint")
     elif step not in steps:
       raise UserError(f"{workdir}/checkpoints has no step {step} (have {steps})")
-    params = ckpt.restore(step, target)["params"]
+    try:
+      params = ckpt.restore(step, target)["params"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"{workdir}/checkpoints step {step} could not be restored "
+                      f"({checkpoint_lib.one_line(e)})") from None
   finally:
     ckpt.close()
 
@@ -625,6 +643,10 @@ def workdir_to_hf(workdir, out_dir, step=None, dtype=None,
   if os.path.isfile(os.path.join(source_dir, "generation_config.json")):
     generation_config = _read_json(os.path.join(source_dir, "generation_config.json"),
                                    "the imported HF generation config")
+  if os.path.isdir(out_dir):  # An earlier export's files that this one may not write again.
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+      if os.path.isfile(os.path.join(out_dir, name)):
+        os.remove(os.path.join(out_dir, name))
   files = save_hf(params, cfg, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype,
                   extra_config=extra, generation_config=generation_config)
   tokenizer = _copy_files(TOKENIZER_FILES, os.path.join(workdir, "tokenizer"), out_dir)

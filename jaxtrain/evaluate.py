@@ -41,8 +41,11 @@ def is_hf_dir(path):
   config = os.path.join(path, "config.json")
   if not os.path.isfile(config) or os.path.isdir(os.path.join(path, "checkpoints")):
     return False
-  with open(config) as f:
-    return "model_type" in json.load(f)
+  try:
+    with open(config) as f:
+      return "model_type" in json.load(f)
+  except (OSError, ValueError, TypeError):  # unreadable: not recognisably HF (the workdir path
+    return False                            # then names the file in its error)
 
 
 def _resolve_step(ckpt, step, workdir):
@@ -129,12 +132,18 @@ def _use_the_run_tokenizer(cfg, workdir, other_data):
   """Evaluate with the ids the run trained on. A BPE tokenizer is trained per corpus: other
   data (`--config.data.source=...`) or a corpus changed since training would get another one,
   and the loss would be measured on ids that mean other text. Then the data is tokenized with
-  the run's saved tokenizer instead."""
+  the run's saved tokenizer instead; so it is when config.json names a tokenizer file that is
+  gone (a workdir converted from HF, then moved)."""
   from jaxtrain import data  # pylint: disable=import-outside-toplevel
   from jaxtrain.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   saved = os.path.join(workdir, "tokenizer")
   path = tokenizer_lib.saved_file(saved)
-  if path is None or cfg.data.tokenizer != "bpe":
+  if path is None:
+    return
+  if cfg.data.tokenizer != "bpe":  # a file: gone if the workdir (converted from HF) was moved
+    if not os.path.exists(os.path.expanduser(cfg.data.tokenizer)):
+      with cfg.unlocked():
+        cfg.data.tokenizer = str(path)
     return
   vocab = cfg.model.vocab_size
   if (other_data or not data.is_prepared(cfg.data, vocab) or

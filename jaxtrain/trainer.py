@@ -349,16 +349,16 @@ def evaluate_params(s: Setup, eval_step, params, batches):
 
 
 # What a resumed run must keep: the model's shapes and numerics, the data stream (which
-# documents, tokenized how, cut how, in which order, read by how many Grain workers), the seed
-# and the optimizer (its state's structure). Anything else (learning rate, steps, batch size,
-# mesh, evaluation, checkpointing) may change, and is named in a warning.
+# documents, cut how, in which order, read by how many Grain workers), the seed and the
+# optimizer (its state's structure). The tokenizer is compared itself, whatever data.tokenizer
+# names (`train`). Anything else (learning rate, steps, batch size, mesh, evaluation,
+# checkpointing) may change, and is named in a warning.
 RESUME_KEEPS = (
     "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim",
     "model.d_ff", "model.vocab_size", "model.tie_embeddings", "model.norm_eps",
     "model.param_dtype", "model.rope_theta", "model.rope_scaling_factor",
     "model.rope_low_freq_factor", "model.rope_high_freq_factor",
-    "model.rope_original_max_seq_len", "data.source", "data.text_field", "data.tokenizer",
-    "data.max_docs", "data.seq_len", "data.shuffle_seed", "data.validation_fraction",
+    "model.rope_original_max_seq_len", "data.source", "data.text_field", "data.max_docs", "data.seq_len", "data.shuffle_seed", "data.validation_fraction",
     "data.weights", "data.shard_mb", "data.worker_count", "train.seed", "optimizer.name")
 _RESUME_SILENT = ("distributed.", "train.progress_bar")  # Differ per launch or process.
 

@@ -205,6 +205,65 @@ def test_sharded_checkpoint_through_workdir_functions(tmp_path):
   assert_same_tensors(fixture("gqa_sharded"), out)
 
 
+def test_convert_never_overwrites_a_model_and_clears_an_earlier_export(tmp_path):
+  """Importing into an HF directory (here: the source itself) would replace its config.json;
+  exporting over an earlier export leaves none of its files that this export does not write."""
+  src = copy_fixture("tied", tmp_path)
+  before = (src / "config.json").read_bytes()
+  for target in (src, copy_fixture("mha", tmp_path)):
+    with pytest.raises(UserError, match="exists and is not empty"):
+      convert.hf_to_workdir(str(src), str(target))
+  assert (src / "config.json").read_bytes() == before
+  (src / "tokenizer.json").write_text('{"version": "1.0"}')
+  with_tokenizer, without = tmp_path / "a", tmp_path / "b"
+  convert.hf_to_workdir(str(src), str(with_tokenizer))
+  convert.hf_to_workdir(fixture("gqa_sharded"), str(without))
+  out = tmp_path / "export"
+  convert.workdir_to_hf(str(with_tokenizer), str(out))
+  assert {"tokenizer.json", "generation_config.json"} <= set(os.listdir(out))
+  shutil.rmtree(without / convert.HF_SOURCE_DIR)  # as trained here: no generation config
+  convert.workdir_to_hf(str(without), str(out))
+  assert not {"tokenizer.json", "generation_config.json"} & set(os.listdir(out))
+  assert_same_tensors(fixture("gqa_sharded"), out)
+
+
+def test_a_moved_converted_workdir_evaluates_with_its_own_tokenizer(tmp_path):
+  from jaxtrain import evaluate  # pylint: disable=import-outside-toplevel
+  src = copy_fixture("tied", tmp_path)
+  (src / "tokenizer.json").write_text('{"version": "1.0"}')
+  convert.hf_to_workdir(str(src), str(tmp_path / "run"))
+  moved = shutil.move(tmp_path / "run", tmp_path / "moved")
+  # pylint: disable=protected-access
+  cfg = evaluate._workdir_config(str(moved))
+  assert not os.path.exists(cfg.data.tokenizer)  # config.json names the old place
+  evaluate._use_the_run_tokenizer(cfg, str(moved), other_data=False)
+  assert cfg.data.tokenizer == str(moved / "tokenizer" / "tokenizer.json")
+
+
+def test_damaged_files_and_bad_steps_are_one_line_errors(tmp_path, capsys):
+  from jaxtrain import cli  # pylint: disable=import-outside-toplevel
+  sharded = copy_fixture("gqa_sharded", tmp_path)
+  shard = sorted(p for p in os.listdir(sharded) if p.startswith("model-"))[-1]
+  os.truncate(sharded / shard, os.path.getsize(sharded / shard) // 2)
+  workdir = tmp_path / "run"
+  convert.hf_to_workdir(fixture("mha"), str(workdir))
+  config = json.load(open(workdir / "config.json"))
+  config["model"]["d_ff"] *= 2
+  json.dump(config, open(workdir / "config.json", "w"))
+  garbled = tmp_path / "garbled"
+  garbled.mkdir()
+  (garbled / "config.json").write_text('{"model_type": "llama",')
+  capsys.readouterr()
+  for argv, culprit in [
+      (["convert", str(sharded), str(tmp_path / "x")], f"{shard} is not a readable safetensors"),
+      (["convert", str(workdir), str(tmp_path / "y")], "step 0 could not be restored"),
+      (["convert", str(workdir), str(tmp_path / "z"), "--step=abc"], "--step='abc'"),
+      (["generate", f"--workdir={garbled}", "--prompt-ids=1,2"], "config.json is unreadable")]:
+    assert cli.main(argv) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and culprit in err, (argv, err)
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs.
 

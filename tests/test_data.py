@@ -393,6 +393,24 @@ def test_the_cache_key_of_a_tokenizer_json_covers_its_tokenizer_config(tmp_path)
   assert tokenizer_lib.load(path).eos_id == hf.token_to_id('<eot>')
 
 
+def test_add_bos_token_false_means_prompts_start_without_bos(tmp_path):
+  """As transformers does: a GPT-2-style config names a bos_token but does not prepend it."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  hf = Tokenizer(models.WordLevel(unk_token='[UNK]'))
+  hf.pre_tokenizer = pre_tokenizers.Whitespace()
+  hf.train_from_iterator(make_texts(10), trainers.WordLevelTrainer(
+      special_tokens=['[UNK]', '<s>', '</s>']))
+  path = _saved(hf, tmp_path / 'tok')
+  assert tokenizer_lib.load(path).bos_id == hf.token_to_id('<s>')  # found among the candidates
+  config = {'bos_token': '<s>', 'eos_token': '</s>', 'add_bos_token': False}
+  (tmp_path / 'tok' / 'tokenizer_config.json').write_text(json.dumps(config))
+  tok = tokenizer_lib.load(path)
+  assert tok.bos_id is None and tok.eos_id == hf.token_to_id('</s>')
+  tok.save(tmp_path / 'saved')
+  assert tokenizer_lib.load(tmp_path / 'saved').bos_id is None
+  assert tokenizer_lib.same_as_saved(tok, tmp_path / 'saved')
+
+
 def _saved(hf, directory):
   directory.mkdir()
   hf.save(str(directory / 'tokenizer.json'))

@@ -252,6 +252,8 @@ class HFTokenizer(Tokenizer):
     self._tok.save(str(path))
     # The same file HF uses, so that the directory also loads with transformers.
     config = {'eos_token': self._eos_token, 'bos_token': self._bos_token}
+    if self._bos_token is None:  # so that loading it back finds no bos either
+      config['add_bos_token'] = False
     (directory / 'tokenizer_config.json').write_text(json.dumps(config, indent=2) + '\n')
     return path
 
@@ -269,12 +271,14 @@ class HFTokenizer(Tokenizer):
       tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises bare Exceptions
       raise UserError(f'{path}: not a HuggingFace tokenizer.json ({_first_line(e)})') from None
-    eos, bos = _special_tokens_from_config(path.parent / 'tokenizer_config.json')
+    eos, bos, add_bos = _special_tokens_from_config(path.parent / 'tokenizer_config.json')
     added = {t.content for t in tok.get_added_tokens_decoder().values()}
     if eos is None:
       eos = next((t for t in _EOS_CANDIDATES if t in added), None)
     if bos is None:
       bos = next((t for t in _BOS_CANDIDATES if t in added), None)
+    if not add_bos:  # add_bos_token: false (GPT-2-style configs): as in transformers, prompts
+      bos = None     # start without the bos_token the config names
     if eos is None or tok.token_to_id(eos) is None:
       raise UserError(f'{path}: no end-of-text token found (add a tokenizer_config.json with '
                       'eos_token next to it)')
@@ -422,14 +426,17 @@ def load(path: str | os.PathLike) -> Tokenizer:
   raise UserError(f'{path}: unknown tokenizer format (expected a .json or .model file)')
 
 
-def _special_tokens_from_config(path: pathlib.Path) -> tuple[str | None, str | None]:
-  """eos/bos token strings from an HF tokenizer_config.json, where present and readable."""
+def _special_tokens_from_config(path: pathlib.Path) -> tuple[str | None, str | None, bool]:
+  """eos/bos token strings from an HF tokenizer_config.json, where present and readable, and
+  whether a bos is to be prepended (`add_bos_token`, true unless it says false)."""
   if not path.is_file():
-    return None, None
+    return None, None, True
   try:
     config = json.loads(path.read_text())
   except (OSError, ValueError):
-    return None, None
+    return None, None, True
+  if not isinstance(config, dict):
+    return None, None, True
 
   def content(value):
     # HF writes either a plain string or an AddedToken dict with the string in 'content'.
@@ -437,7 +444,8 @@ def _special_tokens_from_config(path: pathlib.Path) -> tuple[str | None, str | N
       value = value.get('content')
     return value if isinstance(value, str) else None
 
-  return content(config.get('eos_token')), content(config.get('bos_token'))
+  return (content(config.get('eos_token')), content(config.get('bos_token')),
+          config.get('add_bos_token') is not False)
 
 
 def _first_line(exc: BaseException) -> str:
