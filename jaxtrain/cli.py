@@ -300,23 +300,24 @@ def cmd_data(argv):
 def cmd_convert(argv):
   """Convert an HF LLaMA directory to a jaxtrain workdir or back (direction detected).
 
-  usage: jaxtrain convert SRC DST [--step=S]
+  usage: jaxtrain convert SRC DST [--step=S] [--dtype=bfloat16]
 
   SRC is an HF directory (config.json + safetensors + tokenizer) and DST a new workdir, or SRC a
   workdir and DST a new HF directory. Details: docs/convert.md.
 
   flags:
-    --step=S   checkpoint step to export from a workdir (default the latest)
+    --step=S       checkpoint step to export from a workdir (default the latest)
+    --dtype=NAME   weights of an export: float32 (default), bfloat16 or float16
 
   examples:
     jaxtrain convert path/to/hf-llama runs/imported
-    jaxtrain convert runs/35m exported/35m-hf
+    jaxtrain convert runs/35m exported/35m-hf --dtype=bfloat16
 
   exit codes: 0 converted; 2 not an HF directory or workdir, or unsupported config (one line on
   stderr); 1 other failure
   """
   from jaxtrain import convert  # pylint: disable=import-outside-toplevel
-  args = Args(argv, flags=("step",))
+  args = Args(argv, flags=("step", "dtype"))
   if len(args.positional) != 2:
     raise UserError("usage: jaxtrain convert SRC DST (an HF LLaMA directory and a workdir, "
                     "either way round)")
@@ -324,7 +325,10 @@ def cmd_convert(argv):
   step = args.flags.get("step")
   if step is not None and not step.strip().isdigit():
     raise UserError(f"--step={step!r} is not a checkpoint step (an integer)")
-  print(convert.convert_command(src, dst, step=None if step is None else int(step)))
+  dtype = args.flags.get("dtype")
+  if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+    raise UserError(f"--dtype={dtype!r} is not one of float32, bfloat16, float16")
+  print(convert.convert_command(src, dst, step=None if step is None else int(step), dtype=dtype))
 
 
 def cmd_compare(argv):

@@ -668,7 +668,7 @@ def _kind(path):
   return None
 
 
-def convert_command(src, dst, direction=None, step=None):
+def convert_command(src, dst, direction=None, step=None, dtype=None):
   """`jaxtrain convert SRC DST`: HF directory -> workdir or workdir -> HF directory.
 
   The direction comes from SRC (an HF directory has config.json with model_type, a workdir has
@@ -683,14 +683,15 @@ def convert_command(src, dst, direction=None, step=None):
                       "a jaxtrain workdir (checkpoints/)")
     direction = "to_workdir" if kind == "hf" else "to_hf"
   if direction == "to_workdir":
-    if step is not None:
-      raise UserError("--step applies to exporting a workdir, not to importing an HF directory")
+    if step is not None or dtype is not None:
+      raise UserError("--step and --dtype apply to exporting a workdir, not to importing an HF "
+                      "directory (imports are float32)")
     info = hf_to_workdir(src, dst)
     tokenizer = ", ".join(info["tokenizer_files"]) or "none found"
     return f"{src} (HF) -> {dst}: {info['params']:,} params at step 0, tokenizer: {tokenizer}"
   if direction == "to_hf":
     if _kind(dst) == "workdir":
       raise UserError(f"{dst} is a jaxtrain workdir; export into a new directory")
-    info = workdir_to_hf(src, dst, step=step)
+    info = workdir_to_hf(src, dst, step=step, dtype=dtype)
     return f"{src} (step {info['step']}) -> {dst} (HF): {', '.join(info['files'])}"
   raise UserError(f"direction={direction!r} is not one of 'to_workdir', 'to_hf'")

@@ -95,6 +95,8 @@ def load_model(path, step=None):
   if not os.path.isdir(path):
     raise UserError(f"{path} is not a directory (expected a workdir or an HF LLaMA directory)")
   if is_hf_dir(path):
+    if step is not None:
+      raise UserError(f"{path} is an HF directory: it has no checkpoint steps (--step)")
     from jaxtrain import convert  # pylint: disable=import-outside-toplevel
     model, _ = convert.load_hf(path)
     tokenizer_dir = path

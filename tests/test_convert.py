@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
@@ -227,6 +228,18 @@ def test_convert_never_overwrites_a_model_and_clears_an_earlier_export(tmp_path)
   assert_same_tensors(fixture("gqa_sharded"), out)
 
 
+def test_convert_command_exports_in_the_dtype_asked(tmp_path):
+  from jaxtrain import cli  # pylint: disable=import-outside-toplevel
+  workdir, out = tmp_path / "run", tmp_path / "export"
+  convert.hf_to_workdir(fixture("mha"), str(workdir))
+  assert cli.main(["convert", str(workdir), str(out), "--dtype=bfloat16"]) == 0
+  tensors = hf_tensors(out)
+  reference = hf_tensors(fixture("mha"))
+  assert {t.dtype for t in tensors.values()} == {np.dtype(ml_dtypes.bfloat16)}
+  name = sorted(reference)[0]
+  np.testing.assert_array_equal(tensors[name], reference[name].astype(ml_dtypes.bfloat16))
+
+
 def test_a_moved_converted_workdir_evaluates_with_its_own_tokenizer(tmp_path):
   from jaxtrain import evaluate  # pylint: disable=import-outside-toplevel
   src = copy_fixture("tied", tmp_path)
@@ -258,6 +271,9 @@ def test_damaged_files_and_bad_steps_are_one_line_errors(tmp_path, capsys):
       (["convert", str(sharded), str(tmp_path / "x")], f"{shard} is not a readable safetensors"),
       (["convert", str(workdir), str(tmp_path / "y")], "step 0 could not be restored"),
       (["convert", str(workdir), str(tmp_path / "z"), "--step=abc"], "--step='abc'"),
+      (["convert", str(workdir), str(tmp_path / "z"), "--dtype=bf16"], "--dtype='bf16'"),
+      (["generate", f"--workdir={fixture('mha')}", "--prompt-ids=1", "--step=3"],
+       "has no checkpoint steps"),
       (["generate", f"--workdir={garbled}", "--prompt-ids=1,2"], "config.json is unreadable")]:
     assert cli.main(argv) == 2, argv
     err = capsys.readouterr().err.strip()
