@@ -356,11 +356,8 @@ def test_non_byte_level_tokenizer_json_counts_bytes_from_offsets(tmp_path):
 
 
 def test_a_tokenizer_json_with_truncation_or_padding_tokenizes_documents_whole(tmp_path):
-  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
   texts = make_texts(20)
-  hf = Tokenizer(models.WordLevel(unk_token='[UNK]'))
-  hf.pre_tokenizer = pre_tokenizers.Whitespace()
-  hf.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=['[UNK]', '</s>']))
+  hf = _word_level(['[UNK]', '</s>'])
   plain = tokenizer_lib.load(_saved(hf, tmp_path / 'plain'))
   hf.enable_truncation(4)
   hf.enable_padding(length=64, pad_id=0)
@@ -381,11 +378,7 @@ def test_same_as_saved_tells_a_retrained_bpe_apart(tmp_path):
 
 
 def test_the_cache_key_of_a_tokenizer_json_covers_its_tokenizer_config(tmp_path):
-  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
-  hf = Tokenizer(models.WordLevel(unk_token='[UNK]'))
-  hf.pre_tokenizer = pre_tokenizers.Whitespace()
-  hf.train_from_iterator(make_texts(10), trainers.WordLevelTrainer(
-      special_tokens=['[UNK]', '</s>', '<eot>']))
+  hf = _word_level(['[UNK]', '</s>', '<eot>'])
   path = _saved(hf, tmp_path / 'tok')
   key = store._tokenizer_key(str(path), VOCAB)  # pylint: disable=protected-access
   (tmp_path / 'tok' / 'tokenizer_config.json').write_text(json.dumps({'eos_token': '<eot>'}))
@@ -395,11 +388,7 @@ def test_the_cache_key_of_a_tokenizer_json_covers_its_tokenizer_config(tmp_path)
 
 def test_add_bos_token_false_means_prompts_start_without_bos(tmp_path):
   """As transformers does: a GPT-2-style config names a bos_token but does not prepend it."""
-  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
-  hf = Tokenizer(models.WordLevel(unk_token='[UNK]'))
-  hf.pre_tokenizer = pre_tokenizers.Whitespace()
-  hf.train_from_iterator(make_texts(10), trainers.WordLevelTrainer(
-      special_tokens=['[UNK]', '<s>', '</s>']))
+  hf = _word_level(['[UNK]', '<s>', '</s>'])
   path = _saved(hf, tmp_path / 'tok')
   assert tokenizer_lib.load(path).bos_id == hf.token_to_id('<s>')  # found among the candidates
   config = {'bos_token': '<s>', 'eos_token': '</s>', 'add_bos_token': False}
@@ -409,6 +398,15 @@ def test_add_bos_token_false_means_prompts_start_without_bos(tmp_path):
   tok.save(tmp_path / 'saved')
   assert tokenizer_lib.load(tmp_path / 'saved').bos_id is None
   assert tokenizer_lib.same_as_saved(tok, tmp_path / 'saved')
+
+
+def _word_level(specials):
+  """A small word-level HF tokenizer over make_texts(20) with these special tokens."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  hf = Tokenizer(models.WordLevel(unk_token='[UNK]'))
+  hf.pre_tokenizer = pre_tokenizers.Whitespace()
+  hf.train_from_iterator(make_texts(20), trainers.WordLevelTrainer(special_tokens=specials))
+  return hf
 
 
 def _saved(hf, directory):
