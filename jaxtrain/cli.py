@@ -201,8 +201,9 @@ def cmd_eval(argv):
   if results:
     print(f"wrote {evaluate.write_eval_json(workdir, results)}")
   if len(results) < len(steps):
+    others = "; the others are in eval.json" if results else ""
     raise UserError(f"{len(steps) - len(results)} of {len(steps)} checkpoints could not be "
-                    "evaluated (named above)" + ("; the others are in eval.json" if results else ""))
+                    f"evaluated (named above){others}")
 
 
 def cmd_info(argv):

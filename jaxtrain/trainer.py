@@ -358,8 +358,9 @@ RESUME_KEEPS = (
     "model.d_ff", "model.vocab_size", "model.tie_embeddings", "model.norm_eps",
     "model.param_dtype", "model.rope_theta", "model.rope_scaling_factor",
     "model.rope_low_freq_factor", "model.rope_high_freq_factor",
-    "model.rope_original_max_seq_len", "data.source", "data.text_field", "data.max_docs", "data.seq_len", "data.shuffle_seed", "data.validation_fraction",
-    "data.weights", "data.shard_mb", "data.worker_count", "train.seed", "optimizer.name")
+    "model.rope_original_max_seq_len", "data.source", "data.text_field", "data.max_docs",
+    "data.seq_len", "data.shuffle_seed", "data.validation_fraction", "data.weights",
+    "data.shard_mb", "data.worker_count", "train.seed", "optimizer.name")
 _RESUME_SILENT = ("distributed.", "train.progress_bar")  # Differ per launch or process.
 
 
@@ -377,12 +378,13 @@ def check_resume_config(saved, cfg, where):
   """Compare the config a checkpoint was written with (`saved`, a dict) with this run's `cfg`.
 
   Raises UserError (one line) if a `RESUME_KEEPS` key changed: resuming would silently train on
-  other data (and overwrite the workdir's tokenizer), or fail deep in the restore. Returns the
+  other data or another model, or fail deep in the restore. Returns the
   other changes, "key old -> new", for a warning. Keys one side lacks (configs written by
   another version) are not compared."""
   old, new = _flatten(saved), _flatten(json.loads(config_lib.to_json(cfg)))  # Tuples as lists.
   changed = [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
-  kept = [k for k in changed if any(k == keep or k.startswith(keep + ".") for keep in RESUME_KEEPS)]
+  kept = [k for k in changed
+          if any(k == keep or k.startswith(keep + ".") for keep in RESUME_KEEPS)]
   if kept:
     what = ", ".join(f"{k}={old[k]!r} (now {new[k]!r})" for k in kept[:3])
     more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
