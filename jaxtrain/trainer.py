@@ -479,8 +479,9 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
     if not tokenizer_lib.same_as_saved(tokenizer, run_tokenizer):
       raise UserError(f"{run_tokenizer} differs from the tokenizer data.source gives now, and the "
                       "checkpoints use its ids: the corpus changed since the run started (files "
-                      "added, removed or edited) or data.tokenizer names another; restore it, or "
-                      "train into a new --workdir")
+                      "added, removed or edited) or data.tokenizer names another; set "
+                      f"--config.data.tokenizer={tokenizer_lib.saved_file(run_tokenizer)} to "
+                      "tokenize with the run's, or train into a new --workdir")
   elif is_main:
     tokenizer.save(run_tokenizer)
   dp_size = sharding.data_parallel_size(s.mesh)
