@@ -290,6 +290,71 @@ def test_bench_serve_against_the_server_reports_every_metric(server, tmp_path, c
     assert line in table, table
 
 
+def _fake_stream(lines, pause_before_done=0.0):
+  """An app whose completions stream these SSE data lines (no usage), then [DONE]."""
+  import asyncio  # pylint: disable=import-outside-toplevel
+  import fastapi  # pylint: disable=import-outside-toplevel
+  from fastapi import responses  # pylint: disable=import-outside-toplevel
+  app = fastapi.FastAPI()
+
+  @app.post("/v1/completions")
+  async def completions():
+    async def sse():
+      for line in lines:
+        yield f"data: {line}\n\n"
+      await asyncio.sleep(pause_before_done)
+      yield "data: [DONE]\n\n"
+    return responses.StreamingResponse(sse(), media_type="text/event-stream")
+  return app
+
+
+def _bench_one(app, max_tokens=16):
+  import asyncio  # pylint: disable=import-outside-toplevel
+  http = server_lib.BackgroundServer(app).start()
+
+  async def one():
+    async with httpx.AsyncClient() as client:
+      one_request = bench_lib._one  # pylint: disable=protected-access
+      return await one_request(client, f"{http.url}/v1/completions", {"max_tokens": max_tokens},
+                               30)
+  try:
+    return asyncio.run(one())
+  finally:
+    http.close()
+
+
+def test_bench_counts_tokens_and_latency_as_vllm_without_usage_and_survives_junk():
+  chunk = lambda text, reason=None: json.dumps(
+      {"choices": [{"index": 0, "text": text, "finish_reason": reason}]})
+  # 4 chunks of 4 tokens, stopped at max_tokens, no usage; a pause before [DONE].
+  out = _bench_one(_fake_stream([chunk("abcd")] * 3 + [chunk("efgh", "length")], 0.3))
+  assert out["error"] is None and out["output_tokens"] == 16
+  assert out["e2el"] < 0.25  # at the last chunk with tokens, not at the end of the stream
+  # Stopped early without usage: one token per chunk, flagged.
+  out = _bench_one(_fake_stream([chunk("ab"), chunk("c", "stop")]))
+  assert out["output_tokens"] == 2 and out["estimated"]
+  # A payload that is not an object fails this request alone.
+  out = _bench_one(_fake_stream([chunk("ab"), '"keepalive"']))
+  assert out["error"].startswith("AttributeError")
+
+
+def test_decode_bandwidth_counts_the_rows_decoding_and_a_gpu_reads_every_slot():
+  result = {"mean_tpot_ms": 10.0, "mean_decoding_requests": 0.6}
+  info = {"param_bytes": 1000, "kv_bytes_per_token": 10, "slots": 8, "max_len": 256,
+          "platform": "cpu"}
+  args = dict(num_prompts=50, max_concurrency=None, input_len=64, output_len=64)
+  cpu = bench_lib.bandwidth(result, info, **args)
+  assert cpu["decode_batch"] == 0.6 and cpu["kv_bytes_per_step"] == int(0.6 * 96 * 10)
+  gpu = bench_lib.bandwidth(result, {**info, "platform": "gpu"}, **args)
+  assert gpu["kv_bytes_per_step"] == 8 * 256 * 10
+
+
+def test_poisson_send_times_offer_the_rate_asked():
+  times = bench_lib.arrival_times(8, 4.0, seed=0)
+  assert times == sorted(times) and times[-1] == pytest.approx(2.0)
+  assert bench_lib.arrival_times(3, float("inf"), seed=0) == [0.0, 0.0, 0.0]
+
+
 @pytest.mark.parametrize("args, culprit", [
     (["serve"], "--workdir"),
     (["serve", "--workdir=tests/fixtures/hf/mha", "--port=99999"], "99999"),

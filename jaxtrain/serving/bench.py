@@ -5,24 +5,31 @@ Each request streams (SSE) a random prompt of `input_len` token ids and asks for
 `output_len` tokens (`ignore_eos`). Per request, with t0 its send time:
 
   TTFT  time to first token: the first chunk with choices, minus t0
-  E2EL  end-to-end latency: the end of the stream minus t0
+  E2EL  end-to-end latency: the last chunk with tokens minus t0
   TPOT  time per output token after the first: (E2EL - TTFT) / (output tokens - 1)
   ITL   inter-token latencies: the gaps between successive chunks (a server that sends several
         tokens per chunk, as ours does with chunk > 1, has fewer, longer gaps)
 
-and over the run (duration: first send to last end): request throughput (completed / duration),
-output token throughput (output tokens / duration), total token throughput ((input + output
-tokens) / duration). Latencies are reported in ms as mean, median, std and p99. Output tokens
-are the usage chunk's completion_tokens.
+and over the run (duration: from the start of the schedule, first send included, to the last
+end): request throughput (completed / duration), output token throughput (output tokens /
+duration), total token throughput ((input + output tokens) / duration). Latencies are reported
+in ms as mean, median, std and p99. Output tokens are the usage chunk's completion_tokens (a
+server without one: the chunks' token_ids, else max_tokens for a request that stopped at the
+length, else one per chunk, flagged in a note). A request that fails in any way counts as
+failed, alone.
 
-Arrivals are all at once (`request_rate` inf) or a Poisson process at `request_rate` requests/s;
-`max_concurrency` caps the requests in flight.
+Arrivals are all at once (`request_rate` inf) or a Poisson process at `request_rate` requests/s,
+its send times scaled as vLLM's so that the last is at requests / rate, and kept on that
+schedule; `max_concurrency` caps the requests in flight.
 
 Decode memory bandwidth achieved = bytes read per decode step / TPOT, where a decode step reads
 the weights once and every in-flight row's KV cache so far: param_bytes + B x (input_len +
-output_len / 2) x kv_bytes_per_token, B = min(requests, max_concurrency, slots). Our /v1/models
-gives those sizes; for another server pass --model-bytes (and --kv-bytes-per-token) or the
-number is omitted with a note. The device's bandwidth comes from jaxtrain/hardware.py.
+output_len / 2) x kv_bytes_per_token, B = the mean number of requests decoding (the sum of
+their decode times over the duration), at most max_concurrency and slots. jaxtrain on a GPU
+reads every slot's whole cache each step: there the KV term is slots x max_len x
+kv_bytes_per_token. Our /v1/models gives those sizes; for another server pass --model-bytes (and
+--kv-bytes-per-token) or the number is omitted with a note. The device's bandwidth comes from
+jaxtrain/hardware.py.
 """
 
 import asyncio
@@ -79,18 +86,21 @@ def load_tokenizer(path):
                   "in its tokenizer/)")
 
 
-def arrival_delays(n, request_rate, seed):
-  """Seconds between successive sends: 0 for inf, else exponential gaps (Poisson arrivals)."""
+def arrival_times(n, request_rate, seed):
+  """Send times in seconds from the start: all 0 for inf, else a Poisson process (exponential
+  gaps) scaled, as vLLM's benchmark does, so that the last send is at n / request_rate: the
+  offered load is the rate asked, not the rate the sample happened to give."""
   if math.isinf(request_rate):
     return [0.0] * n
   rng = np.random.default_rng(seed + 1)
-  return rng.exponential(1.0 / request_rate, size=n).tolist()
+  times = np.cumsum(rng.exponential(1.0 / request_rate, size=n))
+  return (times * (n / request_rate) / times[-1]).tolist()
 
 
 async def _one(client, url, body, timeout):
   """Send one streaming request; a dict with its timings, output tokens and any error."""
   out = {"ttft": None, "itl": [], "e2el": None, "output_tokens": None, "prompt_tokens": None,
-         "chunks": 0, "token_ids": 0, "error": None}
+         "chunks": 0, "token_ids": 0, "finish_reason": None, "error": None}
   start = time.perf_counter()
   last = start
   try:
@@ -99,16 +109,19 @@ async def _one(client, url, body, timeout):
         text = (await r.aread()).decode(errors="replace")
         out["error"] = f"HTTP {r.status_code}: {text[:200]}"
         return out
-      async for line in r.aiter_lines():
-        if not line.startswith("data:"):
+      done = False
+      async for line in r.aiter_lines():  # to the end: the connection is then reused
+        if done or not line.startswith("data:"):
           continue
         payload = line[5:].strip()
         if payload == "[DONE]":
-          break
+          done = True
+          continue
         data = json.loads(payload)
         if "error" in data:
           out["error"] = str(data["error"])[:200]
-          break
+          done = True
+          continue
         if data.get("choices"):
           now = time.perf_counter()
           if out["ttft"] is None:
@@ -116,23 +129,30 @@ async def _one(client, url, body, timeout):
           else:
             out["itl"].append(now - last)
           last = now
+          out["e2el"] = now - start  # at the last chunk with tokens (as vLLM's)
           out["chunks"] += 1
-          out["token_ids"] += len(data["choices"][0].get("token_ids") or [])
+          choice = data["choices"][0]
+          out["token_ids"] += len(choice.get("token_ids") or [])
+          out["finish_reason"] = choice.get("finish_reason") or out["finish_reason"]
         if data.get("usage"):
           out["output_tokens"] = data["usage"].get("completion_tokens")
           out["prompt_tokens"] = data["usage"].get("prompt_tokens")
-  except (httpx.HTTPError, json.JSONDecodeError) as e:
-    out["error"] = f"{type(e).__name__}: {e}"
+  except Exception as e:  # pylint: disable=broad-except  (any failure is this request's alone)
+    out["error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return out
-  out["e2el"] = time.perf_counter() - start
   if out["ttft"] is None and out["error"] is None:
     out["error"] = "the stream had no tokens"
-  if out["output_tokens"] is None:  # no usage chunk: count what came
-    out["output_tokens"] = out["token_ids"] or out["chunks"]
+  if out["output_tokens"] is None:  # no usage chunk
+    if out["token_ids"]:
+      out["output_tokens"] = out["token_ids"]
+    elif out["finish_reason"] == "length":  # it stopped at max_tokens: exactly that many
+      out["output_tokens"] = body["max_tokens"]
+    else:  # a guess: one token per chunk (flagged in the result)
+      out["output_tokens"], out["estimated"] = out["chunks"], True
   return out
 
 
-async def _run(url, model, prompts, output_len, delays, max_concurrency, timeout):
+async def _run(url, model, prompts, output_len, send_times, max_concurrency, timeout):
   limit = max_concurrency or len(prompts)
   semaphore = asyncio.Semaphore(limit)
   endpoint = url.rstrip("/") + "/v1/completions"
@@ -155,9 +175,10 @@ async def _run(url, model, prompts, output_len, delays, max_concurrency, timeout
 
     tasks = []
     start = time.perf_counter()
-    for prompt, delay in zip(prompts, delays):
-      if delay:
-        await asyncio.sleep(delay)
+    for prompt, at in zip(prompts, send_times):
+      wait = start + at - time.perf_counter()  # on the schedule: lateness does not add up
+      if wait > 0:
+        await asyncio.sleep(wait)
       tasks.append(asyncio.create_task(limited(prompt)))
     outputs = await asyncio.gather(*tasks)
     duration = time.perf_counter() - start
@@ -194,6 +215,12 @@ def metrics(outputs, input_len, duration):
   errors = [o["error"] for o in outputs if o["error"] is not None]
   if errors:
     result["errors"] = errors[:5]
+  estimated = sum(bool(o.get("estimated")) for o in done)
+  if estimated:
+    result["note"] = (f"{estimated} requests sent no usage and stopped before max_tokens: their "
+                      "output tokens are counted as one per chunk")
+  result["mean_decoding_requests"] = (sum(o["e2el"] - o["ttft"] for o in done) / duration
+                                      if duration > 0 else 0.0)
   return result
 
 
@@ -209,11 +236,20 @@ def bandwidth(result, info, *, num_prompts, max_concurrency, input_len, output_l
   tpot_s = result["mean_tpot_ms"] / 1000.0
   if tpot_s <= 0:
     return {"note": "no TPOT (every request produced at most one token)"}
-  batch = min(num_prompts, max_concurrency or num_prompts, info.get("slots") or num_prompts)
-  kv_bytes = batch * (input_len + output_len / 2) * (kv or 0)
+  # Rows decoding at a time, on average over the run (Little's law: the decode time of every
+  # request over the duration), within what concurrency and slots allow.
+  batch = min(result.get("mean_decoding_requests") or num_prompts, num_prompts,
+              max_concurrency or num_prompts, info.get("slots") or num_prompts)
+  if info.get("platform") not in (None, "cpu") and info.get("slots") and info.get("max_len"):
+    # jaxtrain off the CPU decodes every slot over the whole cache (model.decode_rows,
+    # model.cache_windows): that is what a step reads, however few requests there are.
+    kv_bytes = info["slots"] * info["max_len"] * (kv or 0)
+  else:
+    kv_bytes = batch * (input_len + output_len / 2) * (kv or 0)
   step_bytes = weights + kv_bytes
-  out = {"weight_bytes": int(weights), "kv_bytes_per_step": int(kv_bytes), "decode_batch": batch,
-         "bytes_per_step": int(step_bytes), "achieved_gbs": step_bytes / tpot_s / 1e9}
+  out = {"weight_bytes": int(weights), "kv_bytes_per_step": int(kv_bytes),
+         "decode_batch": round(batch, 2), "bytes_per_step": int(step_bytes),
+         "achieved_gbs": step_bytes / tpot_s / 1e9}
   if kv is None:
     out["note"] = "KV-cache bytes unknown (pass --kv-bytes-per-token): weights only"
   peak = device_bandwidth_gbs or info.get("device_bandwidth_gbs")
@@ -316,9 +352,9 @@ def run_bench(*, url, model=None, num_prompts=100, input_len=128, output_len=128
   else:
     vocab = vocab_size or (info or {}).get("vocab_size") or 1000
     prompts = random_prompts(num_prompts, input_len, vocab, seed)
-  delays = arrival_delays(num_prompts, request_rate, seed)
-  outputs, duration = asyncio.run(_run(url, model, prompts, output_len, delays, max_concurrency,
-                                       timeout))
+  send_times = arrival_times(num_prompts, request_rate, seed)
+  outputs, duration = asyncio.run(_run(url, model, prompts, output_len, send_times,
+                                       max_concurrency, timeout))
   result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "url": url, "model": model,
             "num_prompts": num_prompts, "random_input_len": input_len,
             "random_output_len": output_len, "prompt_type": prompt_type,
