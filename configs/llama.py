@@ -23,8 +23,8 @@ SIZES = {
     "1.4b": (2048, 24, 16, 16, 5888, 32000),  # 1.402B parameters
 }
 
-# Per-device batch (sequences of 2048 tokens) on a 48 GB A40 and on the 80 GB+ GPUs, with
-# remat=dots under FSDP on 8 GPUs: each fits XLA's plan with room to spare
+# Per-device batch (sequences of 2048 tokens) on a 48 GB (45 GiB visible) A40 and on the
+# 80 GB+ GPUs, with remat=dots under FSDP on 8 GPUs: each fits XLA's plan with room to spare
 # (`jaxtrain info --config=configs/llama.py:SIZE,HW --plan --devices=8`; docs/benchmarks.md).
 GPU_BATCH = {"toy": (64, 64), "35m": (32, 64), "125m": (16, 32), "350m": (8, 16),
              "760m": (8, 8), "1.4b": (4, 8)}

@@ -21,9 +21,20 @@ def summarize(workdir):
   info = metrics_lib.read_run_info(workdir)
   if info is None:
     raise UserError(f"{workdir}/run.json does not exist (written when training starts)")
-  records = metrics_lib.read_metrics(workdir)
-  train = [r for r in records if "split" not in r and r.get("loss") is not None]
-  evals = [r for r in records if r.get("split") == "validation"]
+  # A resumed run logs the steps it redoes again: the last line of a step is the one that
+  # stands. Per-source lines of a mixture are left out (the overall line is the run's loss).
+  # A non-finite loss is logged as null: kept, as NaN, so a diverged run shows as one.
+  latest = {}
+  for r in metrics_lib.read_metrics(workdir):
+    if "source" not in r and "step" in r:
+      latest[(r.get("split"), r["step"])] = r
+  nan = float("nan")
+  train = [{**r, "loss": nan if r.get("loss") is None else r["loss"]}
+           for (split, _), r in sorted(latest.items(), key=lambda kv: kv[0][1])
+           if split is None and "loss" in r]
+  evals = [{**r, "eval_loss": nan if r.get("eval_loss") is None else r["eval_loss"]}
+           for (split, _), r in sorted(latest.items(), key=lambda kv: kv[0][1])
+           if split == "validation"]
   if not train:
     raise UserError(f"{workdir}/metrics.jsonl has no training lines")
   peak = info.get("peak_tflops_per_device") or float("nan")

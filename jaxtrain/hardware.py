@@ -31,7 +31,7 @@ class Device:
   tf32: float  # dense TF32 tensor-core TFLOP/s
   fp32: float  # non-tensor fp32 TFLOP/s
   bandwidth_gbs: float | None  # HBM / GDDR bandwidth
-  memory_gib: float | None
+  memory_gib: float | None  # what the device shows (GDDR boards with ECC on lose 1/16: 45 of 48)
 
 
 # (regex over the lower-cased `device_kind`, device). First match wins: specific names first.
@@ -46,8 +46,8 @@ DEVICES = (
     (r"a100.*(pcie.*80|80.*pcie)", Device("A100 80GB PCIe", 312.0, 156.0, 19.5, 1935.0, 80.0)),
     (r"a100.*40", Device("A100 40GB SXM", 312.0, 156.0, 19.5, 1555.0, 40.0)),
     (r"a100.*80", Device("A100 80GB SXM", 312.0, 156.0, 19.5, 2039.0, 80.0)),
-    (r"l40s", Device("L40S", 362.05, 183.0, 91.6, 864.0, 48.0)),
-    (r"\ba40\b", Device("A40", 149.7, 74.8, 37.4, 696.0, 48.0)),
+    (r"l40s", Device("L40S", 362.05, 183.0, 91.6, 864.0, 45.0)),
+    (r"\ba40\b", Device("A40", 149.7, 74.8, 37.4, 696.0, 45.0)),
 )
 
 _TRUE_FP32 = ("highest", "float32", "f32_f32_f32")

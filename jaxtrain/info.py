@@ -32,7 +32,10 @@ def summary(cfg):
       "flops_per_token": model_lib.flops_per_token(model_cfg, cfg.data.seq_len),
       "param_bytes": _tree_bytes(abstract_params),
       "opt_state_bytes": _tree_bytes(opt_state),
-      "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
+      # With train.batch_size_per_device the global batch grows with the devices: per device.
+      "tokens_per_step": (cfg.train.batch_size_per_device or cfg.train.batch_size)
+                         * cfg.data.seq_len,
+      "tokens_per_step_per_device": bool(cfg.train.batch_size_per_device),
   }
 
 
@@ -48,7 +51,9 @@ def describe(cfg, routing=False):
       f"FLOPs/token (training, seq_len={cfg.data.seq_len}): {s['flops_per_token'] / 1e9:.3f} GFLOP "
       "= 6*N_matmul + 6*N_head + 6*L*d*T (causal attention counted as half)",
       f"FLOPs/step: {s['flops_per_token'] * s['tokens_per_step'] / 1e12:.2f} TFLOP "
-      f"({s['tokens_per_step']:,} tokens)",
+      + (f"per device ({s['tokens_per_step']:,} tokens: train.batch_size_per_device="
+         f"{cfg.train.batch_size_per_device})" if s["tokens_per_step_per_device"] else
+         f"({s['tokens_per_step']:,} tokens)"),
       f"memory: params {s['param_bytes'] / GIB:.2f} GiB, optimizer state "
       f"({cfg.optimizer.name}) {s['opt_state_bytes'] / GIB:.2f} GiB, gradients "
       f"{s['param_bytes'] / GIB:.2f} GiB; total "

@@ -91,8 +91,10 @@ def dcn_shape(mesh_cfg, num_nodes, shape=None):
     return tuple(dcn)
   for axis, total, d in zip(MESH_AXES, shape, dcn):
     if total % d:
+      hint = (f"; for data parallelism across the {d} nodes set mesh.data={d} (the GPU presets "
+              "set mesh.data=1: FSDP over one node's devices)" if axis == "data" else "")
       raise UserError(f"mesh.{axis}={total} is not divisible by mesh.dcn_{axis}={d} (the part "
-                      "of the axis that crosses nodes)")
+                      f"of the axis that crosses nodes){hint}")
   return tuple(dcn), tuple(t // d for t, d in zip(shape, dcn))
 
 

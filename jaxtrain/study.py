@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from jaxtrain import config as config_lib
+from jaxtrain import metrics as metrics_lib
 from jaxtrain.errors import UserError
 
 # Named optimizer setups: config overrides on top of the study's config.
@@ -126,8 +127,7 @@ def _records(workdir):
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isfile(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return metrics_lib.read_metrics(path)  # A half line left by a kill is skipped.
 
 
 def run_status(workdir, steps):
@@ -327,9 +327,12 @@ def _interp_wall(wall, step):
 
 
 def make_report(cfg, names, grids, seeds, workdir, steps):
+  import jax  # pylint: disable=import-outside-toplevel
   base = run_config(cfg, names[0], 1.0, seeds[0], steps)
   total_steps = base.train.steps
-  tokens_per_step = base.train.batch_size * base.data.seq_len
+  # The global batch the runs used: train.batch_size_per_device x this job's data-parallel size.
+  tokens_per_step = config_lib.resolve(base, jax.device_count()).train.batch_size * (
+      base.data.seq_len)
   from jaxtrain import model as model_lib  # pylint: disable=import-outside-toplevel
   model_flops_per_token = model_lib.flops_per_token(
       model_lib.ModelConfig.from_config(base.model), base.data.seq_len)

@@ -2,6 +2,7 @@
 compare, convert."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -89,6 +90,31 @@ def test_eval_and_load_model_read_the_run(quick_run, capsys):
   assert logits.shape == (1, len(ids), 512) and logits.dtype == jnp.float32
 
 
+def _fake_run(directory, lines):
+  directory.mkdir()
+  (directory / "run.json").write_text(json.dumps(
+      {"device_kind": "cpu", "num_devices": 1, "peak_tflops_per_device": 0.1,
+       "flops_per_token": 1e6, "tokens_per_step": 100}))
+  (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+  return str(directory)
+
+
+def test_compare_takes_a_resumed_steps_last_line_the_overall_eval_and_shows_divergence(tmp_path):
+  from jaxtrain import compare as compare_lib  # pylint: disable=import-outside-toplevel
+  train = lambda step, loss: {"step": step, "loss": loss, "tokens_per_sec": 10.0, "mfu": 0.1}
+  resumed = _fake_run(tmp_path / "resumed", [
+      train(1, 5.0), train(2, 4.0), train(3, 3.5), train(2, 4.1), train(3, 3.4), train(4, 3.0),
+      {"step": 4, "split": "validation", "eval_loss": 3.2},
+      {"step": 4, "split": "validation", "source": "b", "eval_loss": 9.9}])
+  r = compare_lib.summarize(resumed)
+  assert [step for step, _ in r["curve_tokens"]] == [100, 200, 300, 400]
+  assert r["curve_tokens"][1][1] == 4.1 and r["final_eval_loss"] == 3.2
+  diverged = compare_lib.summarize(_fake_run(tmp_path / "diverged", [
+      train(1, 5.0), train(2, None), {"step": 2, "split": "validation", "eval_loss": None}]))
+  assert diverged["steps"] == 2 and math.isnan(diverged["final_loss"])
+  assert "| nan |" in compare_lib.table([diverged])
+
+
 def test_compare_prints_a_table_and_a_plot(quick_run, tmp_path, capsys):
   workdir, _, _ = quick_run
   out_png = str(tmp_path / "cmp.png")
@@ -123,6 +149,12 @@ def test_info_for_1_4b_is_instant_and_counts_1_4b_parameters():
   assert "1,402,046,464" in result.stdout
   assert "blocks/attn/wq" in result.stdout
   print(f"jaxtrain info 1.4b: {elapsed:.1f}s")
+
+
+def test_info_of_a_per_device_batch_preset_counts_flops_per_device(capsys):
+  assert cli.main(["info", "--config=configs/llama.py:1.4b,h100"]) == 0
+  out = capsys.readouterr().out
+  assert "per device (16,384 tokens: train.batch_size_per_device=8)" in out, out
 
 
 def test_sigterm_saves_a_checkpoint_and_logs_the_last_step_before_exiting(quick_run, tmp_path):

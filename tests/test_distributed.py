@@ -235,7 +235,8 @@ def test_hybrid_mesh_keeps_fsdp_inside_a_node_and_data_across_nodes():
   grid = distributed.hybrid_devices(devices, node, sharding.mesh_shape(cfg, 8), (2, 1, 1))
   assert [node[d.id] for d in grid[:, 0, 0]] == [0, 0, 1, 1]
   cfg.update(data=1, fsdp=8)  # FSDP over 8 devices cannot stay inside 4-device nodes
-  with pytest.raises(UserError, match="mesh.data=1 is not divisible by mesh.dcn_data=2"):
+  with pytest.raises(UserError,
+                     match="mesh.data=1 is not divisible by mesh.dcn_data=2 .*set mesh.data=2"):
     sharding.dcn_shape(cfg, 2, sharding.mesh_shape(cfg, 8))
   cfg.update(dcn_data=1, dcn_fsdp=2)  # ...unless the user says so
   grid = distributed.hybrid_devices(devices, node, sharding.mesh_shape(cfg, 8),

@@ -284,3 +284,12 @@ def test_study_resumes_an_unfinished_run_end_to_end(corpus, tmp_path):
   # Muon's FLOPs include Newton-Schulz: Gram NS on the wide (32 x 96) MLP kernels.
   assert o["optimizer_flops_per_step"] > 0
   assert o["to_target"]["steps"] == pytest.approx(6)
+
+
+def test_run_status_reads_past_a_half_written_metrics_line(tmp_path):
+  """A kill or a full disk can leave half a line; the study must still see the run's state."""
+  lines = [{"step": 4, "loss": 3.0}, {"step": 4, "split": "validation", "eval_loss": 3.1}]
+  text = "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "split": "validation", "eval'
+  (tmp_path / "metrics.jsonl").write_text(text)
+  assert study.run_status(str(tmp_path), 4) == "done"
+  assert study.run_status(str(tmp_path), 6) == "new"
