@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 
@@ -87,7 +88,8 @@ def check_writable(workdir):
   """Create `workdir` and `workdir/checkpoints` and write a probe file in each, or raise a
   one-line UserError naming the directory (before anything is compiled)."""
   for path in (workdir, os.path.join(workdir, "checkpoints")):
-    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    # Host and pid: processes on other nodes of a shared workdir can have the same pid.
+    probe = os.path.join(path, f".write-test-{socket.gethostname()}-{os.getpid()}")
     try:
       os.makedirs(path, exist_ok=True)
       with open(probe, "w") as f:

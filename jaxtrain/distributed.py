@@ -32,10 +32,9 @@ import ml_collections
 import numpy as np
 
 from jaxtrain import sharding
-from jaxtrain.errors import UserError
+from jaxtrain.errors import RunFailure, UserError
 
 # Cluster variables under which `distributed.auto` starts jax.distributed with no arguments.
-_CLUSTER_SIZE_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 _ALIVE = "jaxtrain/alive/"
 
 
@@ -96,7 +95,10 @@ def validate_config(d):
       raise UserError(f"--process-id={d.process_id} must be in [0, {d.num_processes}) "
                       f"(--num-processes={d.num_processes})")
     return "explicit"
-  if d.auto and any(_cluster_size(v) > 1 for v in _CLUSTER_SIZE_VARS):
+  # SLURM_NTASKS alone is set inside `salloc` or an sbatch script outside `srun`, where this is
+  # one process: only a job step (srun) has SLURM_STEP_NODELIST, which JAX's SLURM support reads.
+  slurm_step = _cluster_size("SLURM_NTASKS") > 1 and "SLURM_STEP_NODELIST" in os.environ
+  if d.auto and (slurm_step or _cluster_size("OMPI_COMM_WORLD_SIZE") > 1):
     return "auto"
   return "single"
 
@@ -140,9 +142,9 @@ def initialize(d, log=print):
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # e.g. DEADLINE_EXCEEDED: a process never joined within init_timeout.
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise RuntimeError(f"jax.distributed.initialize failed ({first}); check --coordinator, "
-                       f"--num-processes and that every process started within "
-                       f"distributed.init_timeout={d.init_timeout}s") from e
+    raise RunFailure(f"jax.distributed.initialize failed ({first}); check --coordinator, "
+                     f"--num-processes and that every process started within "
+                     f"distributed.init_timeout={d.init_timeout}s") from e
   if jax.process_count() > 1:
     _watchdog = Watchdog(d.peer_timeout)
     _watchdog.start()

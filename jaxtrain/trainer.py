@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -482,8 +483,12 @@ def train(config, workdir, *, mesh=None, stop_after=None, log=print):
                       "added, removed or edited) or data.tokenizer names another; set "
                       f"--config.data.tokenizer={tokenizer_lib.saved_file(run_tokenizer)} to "
                       "tokenize with the run's, or train into a new --workdir")
-  elif is_main:
-    tokenizer.save(run_tokenizer)
+  elif is_main:  # Whole or not at all: another process may be checking it (above) right now.
+    tmp = f"{run_tokenizer}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save(tmp)
+    shutil.rmtree(run_tokenizer, ignore_errors=True)
+    os.replace(tmp, run_tokenizer)
   dp_size = sharding.data_parallel_size(s.mesh)
   per_process_batch = cfg.train.batch_size // jax.process_count()
   train_iter = data.train_iterator(cfg.data, vocab, per_process_batch, seed=cfg.train.seed)

@@ -274,3 +274,29 @@ def test_the_planner_prints_the_hybrid_split():
   assert result["mesh_across_nodes"] == {"data": 2, "fsdp": 1, "tensor": 1}
   assert result["mesh_within_node"] == {"data": 1, "fsdp": 4, "tensor": 1}
   assert "hybrid mesh on 2 nodes" in planner.format_plan(result)
+
+
+def test_slurm_auto_mode_needs_a_job_step(monkeypatch):
+  """SLURM_NTASKS is set inside salloc or an sbatch script outside srun, where jaxtrain is one
+  process: only an srun step (SLURM_STEP_NODELIST) starts jax.distributed."""
+  from jaxtrain import config as config_lib, distributed  # pylint: disable=import-outside-toplevel
+  d = config_lib.base_config().distributed
+  for var in ("SLURM_NTASKS", "SLURM_STEP_NODELIST", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert distributed.validate_config(d) == "single"
+  monkeypatch.setenv("SLURM_STEP_NODELIST", "node[01-02]")
+  assert distributed.validate_config(d) == "auto"
+
+
+def test_probe_files_of_processes_with_the_same_pid_on_other_hosts_do_not_clash(tmp_path,
+                                                                                  monkeypatch):
+  from jaxtrain import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  real_remove, removed = os.remove, []
+
+  def remove(path):
+    removed.append(os.path.basename(path))
+    real_remove(path)
+  monkeypatch.setattr(os, "remove", remove)
+  checkpoint_lib.check_writable(str(tmp_path / "run"))
+  assert removed and all(socket.gethostname() in name for name in removed)
