@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 
 from jaxtrain import cli, convert
 from jaxtrain.errors import UserError
@@ -52,6 +52,7 @@ def _main(argv, capsys):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(OVERRIDES)
+@example([("optimizer.no_decay", "None")])  # once a TypeError from deep in validation
 def test_random_overrides_to_info_are_success_or_one_line(capsys, overrides):
   argv = ["info"] + [f"--config.{k}={v}" for k, v in overrides]
   _assert_clean(*_main(argv, capsys))

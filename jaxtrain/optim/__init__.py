@@ -111,7 +111,7 @@ def _choice(value, key, choices):
 
 
 def _regexes(patterns, key):
-  if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+  if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
     raise UserError(f'{key} must be a tuple of regex strings, got {patterns!r}')
   for p in patterns:
     try:
