@@ -22,6 +22,7 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
@@ -123,12 +124,14 @@ class _FailedReadEchoes(logging.Filter):
   closed ("RuntimeError: Event loop is closed", from a C++ thread), the abandoned tasks and
   futures log "... exception was never retrieved" (asyncio's logger), and the suspended reads
   raise again when freed ("Exception ignored in: <coroutine object
-  _read_array_index_and_device_put>"): up to hundreds of traceback lines, each with the whole
-  TensorStore spec, after the one line that said which step failed and why (`restore_latest`).
+  _read_array_index_and_device_put>", or "RuntimeWarning: coroutine ... was never awaited"):
+  up to hundreds of traceback lines, each with the whole TensorStore spec, after the one line
+  that said which step failed and why (`restore_latest`).
 
   `around(restore)` installs an unraisable-exception hook (chained to the one it replaces) and a
   filter on asyncio's logger that drop exactly those; if the restore succeeds and none failed
-  before in this process, both are removed again.
+  before in this process, both are removed again. After a failure it also ignores the warning
+  for never-awaited coroutines (in this process, from then on).
   """
 
   def __init__(self):
@@ -144,6 +147,10 @@ class _FailedReadEchoes(logging.Filter):
     try:
       yield
     except BaseException:
+      # The suspended reads that are never resumed warn when freed (to the front of the
+      # filters each time: code that reset them meanwhile gets it back).
+      warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                              category=RuntimeWarning)
       self.failed = True
       raise
     finally:

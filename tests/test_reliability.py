@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings as pywarnings
 
 import jax
 import numpy as np
@@ -147,12 +148,15 @@ def test_a_failed_restore_is_one_line_without_orbax_echoes(corpus, reference, tm
   monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
   abstract = train_lib.make_setup(_config(corpus), _mesh()).abstract_state.params
   warnings = []
-  for _ in range(5):
-    ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
-    assert ckpt.restore_latest(abstract, warn=warnings.append)[0] == 4
-    ckpt.close()
-  time.sleep(0.5)
-  gc.collect()
+  with pywarnings.catch_warnings(record=True) as caught:
+    pywarnings.simplefilter("always")
+    for _ in range(5):
+      ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
+      assert ckpt.restore_latest(abstract, warn=warnings.append)[0] == 4
+      ckpt.close()
+    time.sleep(0.5)
+    gc.collect()
+  assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
   assert [u.object for u in unraisable] == []
   assert [r.getMessage()[:80] for r in caplog.records if r.name == "asyncio"] == []
   assert len(warnings) == 5
