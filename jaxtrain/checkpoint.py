@@ -347,6 +347,14 @@ class Checkpointer:
       out["data"] = data_iterator
     return out
 
+  def restore_params(self, step, abstract_params):
+    """The params of `step` (one the caller named), or a one-line UserError with the cause."""
+    try:
+      return self.restore(step, abstract_params)["params"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"{self.directory} step {step} could not be restored ({one_line(e)})"
+                      ) from None
+
   def wait(self):
     with self._write_errors():
       self.manager.wait_until_finished()

@@ -32,14 +32,7 @@ def suggest(word, choices, prefix=""):
 
 def _config_keys():
   from jaxtrain import config as config_lib  # pylint: disable=import-outside-toplevel
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      if hasattr(value, "items"):
-        yield from walk(value, f"{prefix}{key}.")
-      else:
-        yield f"{prefix}{key}"
-  return list(walk(config_lib.base_config(), ""))
+  return [key for key, _ in config_lib.flat_items(config_lib.base_config())]
 
 
 class Args:

@@ -168,6 +168,15 @@ def _merge(cfg, values):
         cfg[key] = value
 
 
+def flat_items(tree, prefix=""):
+  """(dotted key, value) of every leaf of a config or nested dict; an empty dict is a leaf."""
+  for key, value in tree.items():
+    if hasattr(value, "items") and len(value):
+      yield from flat_items(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
 def to_json(cfg) -> str:
   return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
 

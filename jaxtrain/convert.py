@@ -627,11 +627,7 @@ def workdir_to_hf(workdir, out_dir, step=None, dtype=None,
         raise UserError(f"{workdir}/checkpoints holds no valid checkpoint")
     elif step not in steps:
       raise UserError(f"{workdir}/checkpoints has no step {step} (have {steps})")
-    try:
-      params = ckpt.restore(step, target)["params"]
-    except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f"{workdir}/checkpoints step {step} could not be restored "
-                      f"({checkpoint_lib.one_line(e)})") from None
+    params = ckpt.restore_params(step, target)
   finally:
     ckpt.close()
 

@@ -70,11 +70,7 @@ def load_params(workdir, abstract_params, step=None):
         raise UserError(f"{workdir}/checkpoints holds no checkpoint")
       return step, restored["params"]
     step = _resolve_step(ckpt, step, workdir)
-    try:
-      return step, ckpt.restore(step, abstract_params)["params"]
-    except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f"{workdir}/checkpoints step {step} could not be restored "
-                      f"({checkpoint_lib.one_line(e)})") from None
+    return step, ckpt.restore_params(step, abstract_params)
   finally:
     ckpt.close()
 

@@ -365,16 +365,6 @@ RESUME_KEEPS = (
 _RESUME_SILENT = ("distributed.", "train.progress_bar")  # Differ per launch or process.
 
 
-def _flatten(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict) and value:
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def check_resume_config(saved, cfg, where):
   """Compare the config a checkpoint was written with (`saved`, a dict) with this run's `cfg`.
 
@@ -382,7 +372,8 @@ def check_resume_config(saved, cfg, where):
   other data or another model, or fail deep in the restore. Returns the
   other changes, "key old -> new", for a warning. Keys one side lacks (configs written by
   another version) are not compared."""
-  old, new = _flatten(saved), _flatten(json.loads(config_lib.to_json(cfg)))  # Tuples as lists.
+  old = dict(config_lib.flat_items(saved))
+  new = dict(config_lib.flat_items(json.loads(config_lib.to_json(cfg))))  # Tuples as lists.
   changed = [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
   kept = [k for k in changed
           if any(k == keep or k.startswith(keep + ".") for keep in RESUME_KEEPS)]

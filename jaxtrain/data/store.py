@@ -44,6 +44,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from jaxtrain import metrics
 from jaxtrain.data import corpus as corpus_lib
 from jaxtrain.data import tokenizer as tokenizer_lib
 from jaxtrain.errors import UserError
@@ -175,9 +176,7 @@ def _load(directory: pathlib.Path) -> Prepared | None:
 
 def _write_json(path: pathlib.Path, obj) -> None:
   """Atomically (write, then rename): a reader sees the whole file or none."""
-  tmp = path.with_name(f'.{path.name}.{os.getpid()}')
-  tmp.write_text(json.dumps(obj, indent=2) + '\n')
-  os.replace(tmp, path)
+  metrics.write_atomically(str(path), json.dumps(obj, indent=2) + '\n')
 
 
 def worker_count(requested: int) -> int:
